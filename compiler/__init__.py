@@ -1,0 +1,1 @@
+"""npu.compiler: ONNX models to quantized, tiled, scheduled NPU programs."""

@@ -1,0 +1,1 @@
+"""npu.hw: the NPU in Amaranth HDL (only this layer imports amaranth)."""

@@ -1,0 +1,1 @@
+"""npu.models: builders for the CNN, NeRF-MLP and GNN models the stack is judged on."""
