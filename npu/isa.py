@@ -681,6 +681,23 @@ def footprint(instr: Instr, cfg: NPUConfig) -> list[tuple[str, int, int]]:
     return out
 
 
+def _eltwise_overlap(f: Mapping[str, int]) -> str | None:
+    """ELTWISE's destination may coincide with an operand element for element (``dst = max(dst,
+    x)``) or not touch it at all; any other overlap would make the result depend on the
+    pipeline, so it is illegal."""
+    n = f["n_inner"] * f["n_outer"]
+    for src in ("a", "b"):
+        addr = f[f"{src}_addr"]
+        last = (addr + (f["n_outer"] - 1) * f[f"{src}_stride_outer"]
+                + (f["n_inner"] - 1) * f[f"{src}_stride_inner"])
+        same = (addr == f["dst"] and (f["n_inner"] == 1 or f[f"{src}_stride_inner"] == 1)
+                and (f["n_outer"] == 1 or f[f"{src}_stride_outer"] == f["n_inner"]))
+        if not same and addr < f["dst"] + n and f["dst"] <= last:
+            return (f"ELTWISE destination rows [{f['dst']}, {f['dst'] + n}) overlap operand "
+                    f"{src.upper()} without coinciding with it element for element")
+    return None
+
+
 def address_error(instr: Instr, cfg: NPUConfig, dram_bytes: int) -> str | None:
     """Why ``instr`` is illegal under ``cfg`` with ``dram_bytes`` of DRAM, or None if it is legal.
 
@@ -697,6 +714,10 @@ def address_error(instr: Instr, cfg: NPUConfig, dram_bytes: int) -> str | None:
     if "row_bytes" in f and f["row_bytes"] > cfg.mem_row_bytes(f["mem"]):
         return (f"{op.name}.row_bytes={f['row_bytes']} exceeds the {Mem(f['mem']).name} row of "
                 f"{cfg.mem_row_bytes(f['mem'])} bytes")
+    if op == Opcode.ELTWISE:
+        why = _eltwise_overlap(f)
+        if why:
+            return why
     limits = {"dram": dram_bytes, "spad": cfg.spad_rows, "acc": cfg.acc_rows}
     for space, first, end in footprint(instr, cfg):
         if first < 0 or end > limits[space]:

@@ -42,6 +42,7 @@ class Stall(enum.IntEnum):
     BANK = 3        # PRELOAD: the weight bank it overwrites is still in use
     PRELOAD = 4     # MATMUL with swap: the preload it swaps in has not completed
     RETIRE = 5      # retire_depth instructions of its engine in flight
+    HAZARD = 6      # ELTWISE: the previous VX instruction has not completed
 
 
 @dataclass
