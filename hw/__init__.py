@@ -1,1 +1,2 @@
-"""npu.hw: the NPU in Amaranth HDL (only this layer imports amaranth)."""
+"""npu.hw: the NPU in Amaranth HDL (components, the NPU top, a simulation top with a DRAM
+model, and Verilog export). See docs/hardware.md."""

@@ -23,7 +23,18 @@ import numpy as np
 from npu.isa import Engine, Instr, ISAError, NPUConfig, Opcode, encode_words, get_config
 from npu.program import Binding, Program, ProgramError, Segment
 
-__all__ = ["ProgramBuilder", "engine_mask"]
+__all__ = ["ProgramBuilder", "engine_mask", "DEFAULTS"]
+
+#: Values of fields left out by the builder's per-opcode methods and by the assembler
+#: (``npu.asm``); every other field left out is 0. ``emit`` applies no defaults.
+DEFAULTS: dict[Opcode, dict[str, int]] = {
+    Opcode.LOAD: {"n_outer": 1},
+    Opcode.MATMUL: {"n_outer": 1, "spad_stride_inner": 1},
+    Opcode.VECTOR: {"clamp_min": -128, "clamp_max": 127},
+    Opcode.ELTWISE: {"n_outer": 1, "a_stride_inner": 1, "b_stride_inner": 1,
+                     "clamp_min": -128, "clamp_max": 127},
+    Opcode.STORE: {"n_outer": 1},
+}
 
 EngineSpec = "str | Engine | Iterable[str | Engine] | None"
 
@@ -140,8 +151,7 @@ class ProgramBuilder:
 
     def load(self, **kw: Any) -> int:
         """LOAD (LD): 2-D strided DRAM -> SPAD/ACC copy, or fill."""
-        kw.setdefault("n_outer", 1)
-        return self.emit(Opcode.LOAD, **kw)
+        return self.emit(Opcode.LOAD, **{**DEFAULTS[Opcode.LOAD], **kw})
 
     def gather(self, **kw: Any) -> int:
         """GATHER (LD): DRAM rows selected by an int32 index list."""
@@ -153,29 +163,19 @@ class ProgramBuilder:
 
     def matmul(self, **kw: Any) -> int:
         """MATMUL (EX): stream SPAD rows through the array into ACC."""
-        kw.setdefault("n_outer", 1)
-        kw.setdefault("spad_stride_inner", 1)
-        return self.emit(Opcode.MATMUL, **kw)
+        return self.emit(Opcode.MATMUL, **{**DEFAULTS[Opcode.MATMUL], **kw})
 
     def vector(self, **kw: Any) -> int:
         """VECTOR (VX): requantize ACC rows into SPAD."""
-        kw.setdefault("clamp_min", -128)
-        kw.setdefault("clamp_max", 127)
-        return self.emit(Opcode.VECTOR, **kw)
+        return self.emit(Opcode.VECTOR, **{**DEFAULTS[Opcode.VECTOR], **kw})
 
     def eltwise(self, **kw: Any) -> int:
         """ELTWISE (VX): rescaled ADD or MAX of SPAD rows."""
-        kw.setdefault("n_outer", 1)
-        kw.setdefault("a_stride_inner", 1)
-        kw.setdefault("b_stride_inner", 1)
-        kw.setdefault("clamp_min", -128)
-        kw.setdefault("clamp_max", 127)
-        return self.emit(Opcode.ELTWISE, **kw)
+        return self.emit(Opcode.ELTWISE, **{**DEFAULTS[Opcode.ELTWISE], **kw})
 
     def store(self, **kw: Any) -> int:
         """STORE (ST): 2-D strided SPAD/ACC -> DRAM copy."""
-        kw.setdefault("n_outer", 1)
-        return self.emit(Opcode.STORE, **kw)
+        return self.emit(Opcode.STORE, **{**DEFAULTS[Opcode.STORE], **kw})
 
     def sync(self, engine: str | Engine, **kw: Any) -> int:
         """SYNC on ``engine``: move tokens only."""

@@ -23,6 +23,7 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ __all__ = [
     "Unit", "NPUConfig", "PRESETS", "get_config", "Field", "LAYOUTS", "OPCODE_ENGINE",
     "OPCODE_UNIT", "Instr", "ISAError", "encode", "decode", "encode_words", "decode_words",
     "Timing", "TIMING", "timing", "timing_arrays", "footprint", "address_error",
-    "VECTOR_PARAM_ROWS", "instruction_table_markdown", "field_arrays",
+    "VECTOR_PARAM_ROWS", "instruction_table_markdown", "field_arrays", "static_faults",
 ]
 
 INSTR_BITS = 256
@@ -725,6 +726,87 @@ def address_error(instr: Instr, cfg: NPUConfig, dram_bytes: int) -> str | None:
             return (f"{op.name} touches {space} [{first}, {end}) outside [0, {limits[space]}) "
                     f"{unit}")
     return None
+
+
+def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int) -> np.ndarray:
+    """The dispatch-time fault of every instruction of a program, in bulk (int64 array):
+    ``ILLEGAL_INSTRUCTION`` where :func:`decode` fails, ``ADDRESS_OUT_OF_RANGE`` where
+    :func:`address_error` objects, else ``NONE``.
+
+    The verdicts are exactly those of calling the two one by one (program validation and the
+    runtime's static fault flags), but fast on large programs: a vectorised screen over
+    :func:`field_arrays` flags a superset of the bad instructions (reserved bits from
+    :data:`LAYOUTS`, token masks checked by :class:`Instr` once per distinct header, address
+    ranges from :func:`footprint` itself), and only the flagged ones are decoded and checked.
+    """
+    words = np.ascontiguousarray(words, dtype=np.uint64).reshape(-1, INSTR_WORDS)
+    fields = field_arrays(words)
+    opcode = fields["opcode"]
+    suspect = ~np.isin(opcode, [int(op) for op in Opcode])
+    limits = {"dram": dram_bytes, "spad": cfg.spad_rows, "acc": cfg.acc_rows}
+    for op, layout in LAYOUTS.items():
+        sel = np.flatnonzero(opcode == int(op))
+        if not sel.size:
+            continue
+        used = [0] * INSTR_WORDS
+        for f in layout.values():
+            used[f.lsb // 64] |= ((1 << f.width) - 1) << (f.lsb % 64)
+        bad = np.zeros(sel.size, dtype=bool)
+        for w in range(INSTR_WORDS):
+            bad |= (words[sel, w] & np.uint64(~used[w] & ((1 << 64) - 1))) != 0
+        m = len(Engine)  # token masks have one bit per engine
+        header = (fields["wait"][sel] | fields["signal"][sel] << m
+                  | fields["engine"][sel] << (2 * m))
+        for key in np.unique(header).tolist():
+            wait, signal, eng = key & ((1 << m) - 1), (key >> m) & ((1 << m) - 1), key >> (2 * m)
+            try:
+                Instr(op, wait, signal, {"engine": eng} if op == Opcode.SYNC else {})
+            except ISAError:
+                bad |= header == key
+        f = {k: fields[k][sel] for k in layout}
+        for key in ("n", "n_inner", "n_outer", "row_bytes"):
+            if key in f:
+                bad |= f[key] < 1
+        if op == Opcode.GATHER:
+            bad |= f["n"] > cfg.gather_max
+        if op == Opcode.ELTWISE:  # any overlap at all (a superset of the illegal ones)
+            n = f["n_inner"] * f["n_outer"]
+            for src in ("a", "b"):
+                addr = f[f"{src}_addr"]
+                last = (addr + (f["n_outer"] - 1) * f[f"{src}_stride_outer"]
+                        + (f["n_inner"] - 1) * f[f"{src}_stride_inner"])
+                bad |= (addr < f["dst"] + n) & (f["dst"] <= last)
+        # footprint() indexes by `mem` and branches on `fill`: give it those as scalars.
+        groups = [(m, fl) for m in ((0, 1) if "mem" in f else (None,))
+                  for fl in ((0, 1) if "fill" in f else (None,))]
+        for mem, fill in groups:
+            part = np.ones(sel.size, dtype=bool)
+            g: dict[str, Any] = dict(f)
+            for key, value in (("mem", mem), ("fill", fill)):
+                if value is not None:
+                    part &= f[key] == value
+                    g[key] = value
+            if not part.any():
+                continue
+            g = {k: v if not isinstance(v, np.ndarray) else v[part] for k, v in g.items()}
+            sub = np.zeros(int(part.sum()), dtype=bool)
+            if mem is not None and "row_bytes" in g:
+                sub |= g["row_bytes"] > cfg.mem_row_bytes(mem)
+            proxy = SimpleNamespace(opcode=op, fields=g)  # all footprint() reads of an Instr
+            for space, first, end in footprint(proxy, cfg):  # type: ignore[arg-type]
+                sub |= (np.asarray(first) < 0) | (np.asarray(end) > limits[space])
+            bad[part] |= sub
+        suspect[sel] |= bad
+    out = np.zeros(len(words), dtype=np.int64)
+    for idx in np.flatnonzero(suspect).tolist():
+        try:
+            ins = decode(words[idx].astype("<u8").tobytes())
+        except ISAError:
+            out[idx] = Fault.ILLEGAL_INSTRUCTION
+            continue
+        if address_error(ins, cfg, dram_bytes) is not None:
+            out[idx] = Fault.ADDRESS_OUT_OF_RANGE
+    return out
 
 
 # --------------------------------------------------------------------------------------------

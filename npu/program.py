@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from os import PathLike
@@ -28,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from npu.isa import INSTR_BYTES, INSTR_WORDS, ISAError, NPUConfig, address_error, decode_words
+from npu.isa import (
+    INSTR_BYTES,
+    INSTR_WORDS,
+    Fault,
+    ISAError,
+    NPUConfig,
+    address_error,
+    decode_words,
+    static_faults,
+)
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "DTYPES", "ProgramError", "Binding", "Segment", "Program",
            "load", "save"]
@@ -158,11 +168,13 @@ class Program:
                                f"{config.name!r} (differs in {diff})")
         if not _is_int(self.dram_bytes) or not 0 < self.dram_bytes <= MAX_DRAM_BYTES:
             raise ProgramError(f"dram_bytes={self.dram_bytes!r} must be in (0, 2**32]")
-        instrs = self.decoded()
-        for idx, ins in enumerate(instrs):
-            why = address_error(ins, self.config, self.dram_bytes)
-            if why:
-                raise ProgramError(f"instruction {idx}: {why}")
+        faults = static_faults(self.instructions, self.config, self.dram_bytes)  # fast, in bulk
+        if (faults == Fault.ILLEGAL_INSTRUCTION).any():
+            self.decoded()  # raises, naming the first illegal instruction
+        for idx in np.flatnonzero(faults)[:1].tolist():
+            why = address_error(decode_words(self.instructions[idx:idx + 1])[0], self.config,
+                                self.dram_bytes)
+            raise ProgramError(f"instruction {idx}: {why}")
         spans: list[tuple[int, int, str]] = []
         names: set[str] = set()
         for seg in self.segments:
@@ -191,7 +203,7 @@ class Program:
                     and isinstance(item[1], str)):
                 raise ProgramError(f"region {item!r} must be (instruction index, label)")
             start = item[0]
-            if not last < start <= max(self.n_instructions - 1, 0):
+            if not last < start < self.n_instructions:
                 raise ProgramError(f"region {item[1]!r} starts at {start}: regions must be in "
                                    f"increasing order within the {self.n_instructions} "
                                    f"instructions")
@@ -210,7 +222,9 @@ class Program:
         if not _is_int(b.addr) or b.addr < 0 or b.addr + b.nbytes > self.dram_bytes:
             raise ProgramError(f"{where}: [{b.addr}, {b.addr}+{b.nbytes}) is outside DRAM of "
                                f"{self.dram_bytes} bytes")
-        if not isinstance(b.scale, (int, float)) or not math.isfinite(b.scale) or b.scale <= 0:
+        # A comparison, not math.isfinite (which overflows on huge ints); NaN compares False.
+        if not isinstance(b.scale, (int, float)) or isinstance(b.scale, bool) \
+                or not 0 < b.scale <= sys.float_info.max:
             raise ProgramError(f"{where}: scale {b.scale!r} must be positive and finite")
         if not _is_int(b.zero_point) or not -(1 << 31) <= b.zero_point < (1 << 31):
             raise ProgramError(f"{where}: zero_point {b.zero_point!r} must be an int32")
@@ -262,7 +276,7 @@ class Program:
             raise ProgramError("header length runs past the end of the file")
         try:
             header = json.loads(data[12:12 + head_len].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ProgramError(f"header is not valid JSON: {exc}") from None
         if not isinstance(header, dict):
             raise ProgramError("header must be a JSON object")

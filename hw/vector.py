@@ -1,0 +1,123 @@
+"""The VX engine's vector unit: VECTOR (ACC -> SPAD requantization) and ELTWISE (SPAD (+) SPAD).
+
+One row per cycle, ``cols`` lanes. Issue at cycle ``s + j`` reads the memories; the row arrives at
+``s + j + 1`` and is computed there (:func:`requantize_row`, :func:`eltwise_row`); the result
+waits ``vx_depth - 1`` cycles in the write pipeline and is written at ``s + j + vx_depth``, so
+the last row is in SPAD at the end of ``c - 1``. VECTOR first reads its three parameter rows
+(bias, multiplier, shift) at ``s .. s + 2``, hence its ``n + 3`` busy cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amaranth.hdl import Module, Mux, Signal, Value, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from npu import isa
+from npu.isa import EltFunc, NPUConfig, Opcode
+
+from .common import DelayLine, Walk, clamp_int8, mem_signatures, round_shift, spad_row, \
+    start_signature, wrap32
+from .decode import opcode_of, view
+
+__all__ = ["VectorUnit", "requantize_lane", "eltwise_lane"]
+
+_ROW = 20
+
+
+def requantize_lane(acc: Value, bias: Value, mult: Value, shift: Value, zero_point: Value,
+                    lo: Value, hi: Value) -> Value:
+    """``numerics.requantize`` for one lane (int32 inputs, int8 result)."""
+    x = wrap32(acc + bias)
+    prod = x * mult
+    return clamp_int8(round_shift(prod, shift[:6]) + zero_point, lo, hi)
+
+
+def eltwise_lane(func: Value, a: Value, b: Value, f: data.View) -> Value:
+    """``numerics.eltwise_add`` / ``eltwise_max`` for one lane; ``f`` is the ELTWISE view."""
+    t = (a - f.a_zero) * f.a_mult + (b - f.b_zero) * f.b_mult
+    add = clamp_int8(round_shift(t, f.shift) + f.zero_point, f.clamp_min, f.clamp_max)
+    mx = clamp_int8(Mux(a > b, a, b), f.clamp_min, f.clamp_max)
+    return Mux(func == int(EltFunc.ADD), add, mx)  # as the reference: any other func is MAX
+
+
+class VectorUnit(wiring.Component):
+    """VX unit: VECTOR and ELTWISE, one row per cycle."""
+
+    def __init__(self, cfg: NPUConfig) -> None:
+        self.cfg = cfg
+        sigs = mem_signatures(cfg)
+        super().__init__({
+            "start": In(start_signature(cfg)),
+            "acc_r": sigs["acc_r"],
+            "spad_ra": sigs["spad_r"],
+            "spad_rb": sigs["spad_r"],
+            "spad_w": sigs["spad_w"],
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform: Any) -> Module:
+        m = Module()
+        cfg = self.cfg
+        go, p = self.start.valid, self.start.payload
+        saved = Signal(isa.INSTR_BITS)
+        with m.If(go):
+            m.d.sync += saved.eq(p.word)
+        word = Mux(go, p.word, saved)
+        is_vec = opcode_of(word) == int(Opcode.VECTOR)
+        vec, elt = view(Opcode.VECTOR, word), view(Opcode.ELTWISE, word)
+        running = Signal()
+        active = go | running
+        m.d.comb += self.busy.eq(active)
+
+        # VECTOR: counter over 3 parameter rows then n data rows.
+        vc_r = Signal(17)
+        vc = Mux(go, 0, vc_r)
+        vrow = vc - isa.VECTOR_PARAM_ROWS
+        vec_done = vc == vec.n + (isa.VECTOR_PARAM_ROWS - 1)
+        with m.If(active & is_vec):
+            m.d.sync += vc_r.eq(vc + 1)
+        # ELTWISE: 2-D walks over A and B, contiguous destination.
+        w = Walk(m, go, elt.n_inner, elt.n_outer, name="elt")
+        a_addr = w.stream(elt.a_addr, elt.a_stride_outer, elt.a_stride_inner, _ROW)
+        b_addr = w.stream(elt.b_addr, elt.b_stride_outer, elt.b_stride_inner, _ROW)
+        e_dst = w.stream(elt.dst, elt.n_inner, 1, _ROW)
+        w.build(active & ~is_vec)
+        m.d.sync += running.eq(active & ~Mux(is_vec, vec_done, w.last))
+
+        K_PARAM, K_VROW, K_EROW = 0, 1, 2
+        meta_layout = data.StructLayout({"valid": 1, "kind": 2, "param": 2, "dst": _ROW})
+        q = Signal(meta_layout)
+        word_q = Signal(isa.INSTR_BITS)  # the instruction whose row is in the data stage
+        m.d.sync += [q.valid.eq(active), word_q.eq(word),
+                     q.kind.eq(Mux(is_vec, Mux(vc < isa.VECTOR_PARAM_ROWS, K_PARAM, K_VROW),
+                                   K_EROW)),
+                     q.param.eq(vc[:2]),
+                     q.dst.eq(Mux(is_vec, vec.spad_addr + vrow, e_dst))]
+        m.d.comb += [self.acc_r.addr.eq(Mux(vc < isa.VECTOR_PARAM_ROWS, vec.param_addr + vc,
+                                            vec.acc_addr + vrow)),
+                     self.spad_ra.addr.eq(a_addr), self.spad_rb.addr.eq(b_addr)]
+
+        # Data stage: capture parameter rows, or compute a result row.
+        params = [Signal(data.ArrayLayout(signed(32), cfg.cols), name=n)
+                  for n in ("bias", "mult", "shift")]
+        for k, reg in enumerate(params):
+            with m.If(q.valid & (q.kind == K_PARAM) & (q.param == k)):
+                m.d.sync += reg.eq(self.acc_r.data)
+        vq, eq_ = view(Opcode.VECTOR, word_q), view(Opcode.ELTWISE, word_q)
+        res = Signal(spad_row(cfg))
+        for c in range(cfg.cols):
+            r_vec = requantize_lane(self.acc_r.data[c], params[0][c], params[1][c],
+                                    params[2][c], vq.zero_point, vq.clamp_min, vq.clamp_max)
+            r_elt = eltwise_lane(eq_.func, self.spad_ra.data[c], self.spad_rb.data[c], eq_)
+            m.d.comb += res[c].eq(Mux(q.kind == K_VROW, r_vec, r_elt))
+
+        out_layout = data.StructLayout({"valid": 1, "dst": _ROW, "row": spad_row(cfg)})
+        m.submodules.wb = wb = DelayLine(out_layout, cfg.vx_depth - 1)
+        m.d.comb += [wb.i.valid.eq(q.valid & (q.kind != K_PARAM)), wb.i.dst.eq(q.dst),
+                     wb.i.row.eq(res),
+                     self.spad_w.en.eq(wb.o.valid), self.spad_w.addr.eq(wb.o.dst),
+                     self.spad_w.data.eq(wb.o.row)]
+        return m
