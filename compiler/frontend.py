@@ -218,8 +218,9 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         known = set(inits)
         shapes = value_shapes(model)
         fold: list[onnx.NodeProto] = []
+        drop: set[int] = set()  # node indices (protobuf wrappers have no stable identity)
         shape_consts: dict[str, np.ndarray] = {}
-        for node in graph.node:
+        for idx, node in enumerate(graph.node):
             if node.op_type in _NO_FOLD or node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type == "Shape" and node.input[0] in shapes:
@@ -228,13 +229,15 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
                 end = _attr(node, "end", None)
                 shape_consts[node.output[0]] = shape[start:end]
                 known.add(node.output[0])
+                drop.add(idx)
                 continue
             if any(_has_subgraph(a) for a in node.attribute):
                 continue
             if all(i in known for i in node.input if i):  # Constant: no inputs, always
                 fold.append(node)
+                drop.add(idx)
                 known.update(o for o in node.output if o)
-        if not fold and not shape_consts:
+        if not drop:
             break
         values = dict(shape_consts)
         if fold:
@@ -257,9 +260,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
                 raise CompileError(f"constant folding failed: {exc}", node_label(culprit),
                                    culprit.op_type) from None
             values.update(zip(folded_outs, results))
-        drop = {id(n) for n in fold} | {id(n) for n in graph.node
-                                        if n.op_type == "Shape" and n.output[0] in shape_consts}
-        keep = [n for n in graph.node if id(n) not in drop]
+        keep = [n for i, n in enumerate(graph.node) if i not in drop]
         del graph.node[:]
         graph.node.extend(keep)
         for name, value in values.items():
@@ -306,7 +307,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = {o.name for o in graph.output}
     drop: set[int] = set()
     new_inits: dict[str, np.ndarray] = {}
-    for node in graph.node:
+    for idx, node in enumerate(graph.node):
         if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1:
             continue
         x = node.input[0]
@@ -332,9 +333,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         del conv.input[:]
         conv.input.extend(conv_inputs)
         conv.output[0] = node.output[0]
-        drop.add(id(node))
+        drop.add(idx)
     if drop:
-        keep = [n for n in graph.node if id(n) not in drop]
+        keep = [n for i, n in enumerate(graph.node) if i not in drop]
         del graph.node[:]
         graph.node.extend(keep)
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new_inits.items())

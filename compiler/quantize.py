@@ -100,7 +100,7 @@ def calibration_feeds(model: onnx.ModelProto, data: Calibration) -> list[dict[st
         for d in data:
             arrays = {k: np.asarray(v) for k, v in d.items()}
             _check_names(arrays, specs)
-            for name, (shape, dt) in specs.items():
+            for name, (shape, _) in specs.items():
                 if arrays[name].shape != shape:
                     raise CompileError(f"calibration feed for {name!r} has shape "
                                        f"{arrays[name].shape}, the model wants {shape}")
@@ -142,13 +142,24 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration | None,
     if calibration is None:
         raise CompileError("the model is float: quantizing it needs calibration data "
                            "(calibration=..., or --calibration data.npz)")
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     feeds = calibration_feeds(model, calibration)
     reader = type("NpuCalibrationReader", (_Reader, CalibrationDataReader), {})(feeds)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # ORT's advice to pre-process: we do
+    try:
+        return _quantize(model, reader, per_channel, preprocess)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
+              preprocess: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory(prefix="npu-quant-") as tmp:
         src = Path(tmp) / "float.onnx"
         pre = Path(tmp) / "pre.onnx"

@@ -15,12 +15,21 @@ from npu import isa
 from npu.isa import NPUConfig
 from npu.numerics import INT8_MAX, INT8_MIN
 
-__all__ = ["CYCLE_BITS", "index_bits", "StartLayout", "start_signature", "FaultLayout",
-           "DelayLine", "Fifo", "round_shift", "clamp_int8", "wrap32", "spad_row", "acc_row",
+__all__ = ["comb_signal", "CYCLE_BITS", "index_bits", "StartLayout", "start_signature",
+           "FaultLayout", "DelayLine", "Fifo", "round_shift", "clamp_int8", "wrap32", "spad_row", "acc_row",
            "mem_signatures", "Walk"]
 
 #: Width of cycle numbers (the cycle counter, completion cycles, unit-free cycles).
 CYCLE_BITS = 48
+
+
+def comb_signal(m: Module, expr: Any, name: str | None = None) -> Signal:
+    """A signal driven combinationally by ``expr``. Naming intermediate results keeps expression
+    trees shallow (Amaranth's simulator compiles deep trees slowly) and the Verilog readable."""
+    value = Value.cast(expr)
+    sig = Signal(value.shape(), name=name)
+    m.d.comb += sig.eq(value)
+    return sig
 
 
 def index_bits(cfg: NPUConfig) -> int:
@@ -91,9 +100,9 @@ class DelayLine(wiring.Component):
 class Fifo(wiring.Component):
     """In-order queue with explicit ``push``/``pop`` (both allowed in one cycle, even when full,
     which the dispatch rule needs: space is counted after the start phase; ``clear`` empties it).
-    ``head`` is the
-    oldest entry, valid when ``level > 0``, ``head2`` the next one (``level > 1``); pushing into a full queue without popping and
-    popping an empty one are the caller's errors (the control never does either)."""
+    ``head`` is the oldest entry, valid when ``level > 0``, ``head2`` the next one (``level >
+    1``); pushing into a full queue without popping and popping an empty one are the caller's
+    errors (the control never does either)."""
 
     def __init__(self, shape: Any, depth: int) -> None:
         if depth < 1:
@@ -136,24 +145,24 @@ def wrap32(x: Value) -> Value:
     return Value.cast(x)[:32].as_signed()
 
 
-def round_shift(x: Value, shift: Value) -> Value:
+def round_shift(m: Module, x: Value, shift: Value) -> Value:
     """``numerics.round_shift``: ``x / 2**shift`` rounded half to even (``shift`` in [0, 63])."""
     x = Value.cast(x)
     assert x.shape().signed
-    q = x >> shift                                   # arithmetic shift: floor division
-    r = (x - (q << shift)).as_unsigned()             # in [0, 2**shift)
-    half = Value.cast(1) << (shift - 1)[:len(shift)]  # garbage when shift == 0, masked below
-    up = (shift != 0) & ((r > half) | ((r == half) & q[0]))
-    return q + up
+    q = comb_signal(m, x >> shift)                           # arithmetic shift: floor
+    r = comb_signal(m, (x - (q << shift)).as_unsigned()[:len(x)])   # in [0, 2**shift)
+    half = comb_signal(m, (Value.cast(1) << (shift - 1)[:len(shift)])[:len(x)])
+    up = (shift != 0) & ((r > half) | ((r == half) & q[0]))  # half: garbage when shift == 0
+    return comb_signal(m, q + up)
 
 
-def clamp_int8(y: Value, lo: Value, hi: Value) -> Value:
+def clamp_int8(m: Module, y: Value, lo: Value, hi: Value) -> Value:
     """``numerics.clamp``: ``min(max(y, lo), hi)`` then saturate to int8."""
     y = Value.cast(y)
-    a = Mux(y < lo, lo, y)
-    b = Mux(a > hi, hi, a)
+    a = comb_signal(m, Mux(y < lo, lo, y))
+    b = comb_signal(m, Mux(a > hi, hi, a))
     c = Mux(b < INT8_MIN, INT8_MIN, Mux(b > INT8_MAX, INT8_MAX, b))
-    return c[:8].as_signed()
+    return comb_signal(m, c[:8].as_signed())
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,14 +204,16 @@ class Walk:
         self.m, self.go, self._name = m, go, name
         self.n_inner, self.n_outer, self.beats = n_inner, n_outer, beats
         self._b, self._i, self._o = (Signal(width, name=f"{name}_{k}") for k in "bio")
-        self.b = Mux(go, 0, self._b)
-        self.i = Mux(go, 0, self._i)
-        self.o = Mux(go, 0, self._o)
-        self.last_beat = self.b == beats - 1 if not isinstance(beats, int) or beats != 1 \
-            else Value.cast(1)
-        self.last_inner = self.i == n_inner - 1
-        self.last_outer = self.o == n_outer - 1
-        self.last = self.last_beat & self.last_inner & self.last_outer
+        self.b = comb_signal(m, Mux(go, 0, self._b), f"{name}_b_now")
+        self.i = comb_signal(m, Mux(go, 0, self._i), f"{name}_i_now")
+        self.o = comb_signal(m, Mux(go, 0, self._o), f"{name}_o_now")
+        self.last_beat = comb_signal(
+            m, self.b == beats - 1 if not isinstance(beats, int) or beats != 1 else 1,
+            f"{name}_last_beat")
+        self.last_inner = comb_signal(m, self.i == n_inner - 1, f"{name}_last_inner")
+        self.last_outer = comb_signal(m, self.o == n_outer - 1, f"{name}_last_outer")
+        self.last = comb_signal(m, self.last_beat & self.last_inner & self.last_outer,
+                                f"{name}_last")
         self._streams: list[tuple[Signal, Signal, Value, Value, Value]] = []
 
     def stream(self, base: Value, outer: Value, inner: Value | int, width: int) -> Value:
@@ -210,8 +221,8 @@ class Walk:
         k = len(self._streams)
         cur = Signal(width, name=f"{self._name}_cur{k}")
         run = Signal(width, name=f"{self._name}_run{k}")
-        cur_c = Mux(self.go, base, cur)[:width]
-        run_c = Mux(self.go, base, run)[:width]
+        cur_c = comb_signal(self.m, Mux(self.go, base, cur)[:width], f"{self._name}_cur{k}_now")
+        run_c = comb_signal(self.m, Mux(self.go, base, run)[:width], f"{self._name}_run{k}_now")
         self._streams.append((cur, run, cur_c, run_c, (outer, inner)))
         return cur_c
 

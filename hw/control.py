@@ -35,7 +35,7 @@ from npu import isa
 from npu.isa import Engine, Fault, NPUConfig, Opcode, Unit
 
 from . import decode
-from .common import CYCLE_BITS, FaultLayout, Fifo, index_bits, start_signature
+from .common import CYCLE_BITS, FaultLayout, Fifo, comb_signal, index_bits, start_signature
 from .dram import DRAM_ADDR_BITS
 
 __all__ = ["Control", "StatusLayout", "TraceLayout", "ENGINE_OPS", "UNITS"]
@@ -91,6 +91,63 @@ class _InflightEntry(data.StructLayout):
 
 def _unit_name(u: Unit) -> str:
     return u.name.lower()
+
+
+class HeadDecoder(wiring.Component):
+    """What the start phase needs to know about an engine's queue head: busy and latency (the
+    contract's formulas for this engine's opcodes), its unit, tokens and bank-rule class.
+    A separate component so that it is re-evaluated only when the head changes."""
+
+    def __init__(self, cfg: NPUConfig, engine: Engine) -> None:
+        self.cfg, self.engine = cfg, engine
+        super().__init__({
+            "word": In(isa.INSTR_BITS),
+            "busy": Out(CYCLE_BITS), "latency": Out(CYCLE_BITS),
+            "unit": Out(range(len(Unit))),
+            "wait": Out(NE), "signal": Out(NE),
+            "preload": Out(1), "matmul": Out(1), "swap": Out(1), "eltwise": Out(1),
+        })
+
+    def elaborate(self, platform: Any) -> Module:
+        m = Module()
+        hdr = data.View(decode.HEADER_LAYOUT, self.word)
+        opc = hdr.opcode
+        m.d.comb += [self.busy.eq(1), self.latency.eq(1), self.unit.eq(int(Unit.NONE)),
+                     self.wait.eq(hdr.wait), self.signal.eq(hdr.signal),
+                     self.swap.eq(decode.view(Opcode.MATMUL, self.word).swap)]
+        for op in ENGINE_OPS[self.engine]:
+            busy, lat = decode.timing(op, self.word, self.cfg)
+            with m.If(opc == int(op)):
+                m.d.comb += [self.busy.eq(busy), self.latency.eq(lat),
+                             self.unit.eq(int(isa.OPCODE_UNIT[op]))]
+        m.d.comb += [self.preload.eq(opc == int(Opcode.PRELOAD)),
+                     self.matmul.eq(opc == int(Opcode.MATMUL)),
+                     self.eltwise.eq(opc == int(Opcode.ELTWISE))]
+        return m
+
+
+class DispatchDecoder(wiring.Component):
+    """The dispatcher's checks of the word at ``pc``: legal encoding (and ``pc`` inside the
+    program), static addresses in range, target engine, BARRIER/HALT."""
+
+    def __init__(self, cfg: NPUConfig) -> None:
+        self.cfg = cfg
+        super().__init__({
+            "word": In(isa.INSTR_BITS), "pc": In(index_bits(cfg)),
+            "n_instr": In(index_bits(cfg)), "dram_bytes": In(DRAM_ADDR_BITS + 1),
+            "legal": Out(1), "address_ok": Out(1), "engine": Out(2),
+            "halt": Out(1), "barrier": Out(1),
+        })
+
+    def elaborate(self, platform: Any) -> Module:
+        m = Module()
+        opc = data.View(decode.HEADER_LAYOUT, self.word).opcode
+        m.d.comb += [self.legal.eq(decode.legal(self.word) & (self.pc < self.n_instr)),
+                     self.address_ok.eq(decode.address_ok(self.word, self.cfg, self.dram_bytes)),
+                     self.engine.eq(decode.engine_of(self.word)),
+                     self.halt.eq(opc == int(Opcode.HALT)),
+                     self.barrier.eq(opc == int(Opcode.BARRIER))]
+        return m
 
 
 class Control(wiring.Component):
@@ -150,7 +207,6 @@ class Control(wiring.Component):
             m.d.comb += [q.clear.eq(begin), f.clear.eq(begin)]
             queues.append(q)
             inflight.append(f)
-        heads = [data.View(decode.HEADER_LAYOUT, queues[e].head.word) for e in Engine]
 
         # ---- phase 1: retire ---------------------------------------------------------------
         ret = [Signal(name=f"retire_{e.name}") for e in Engine]
@@ -164,51 +220,54 @@ class Control(wiring.Component):
         for (a, b), cnt in reversed(tok.items()):  # the first engine's overflow is reported
             with m.If(inc[a, b] & (cnt == cfg.token_max)):
                 m.d.comb += [overflow.eq(1), ovf_index.eq(inflight[a].head.index)]
-        any_ret = _or(ret)
+        any_ret = comb_signal(m, _or(ret))
 
         # After retirement: has the program ended, or reached the cycle limit?
         # Pending = dispatched and not retired: queued, or in flight after this retirement.
-        left = [(inflight[e].level - ret[e]) for e in Engine]
-        pending = _or([(queues[e].level != 0) | (left[e] != 0) for e in Engine])
-        end_now = running & ~overflow & halted & ~pending
-        limit_now = running & ~overflow & ~end_now & (t >= self.watchdog)
-        oldest = _min_index(
+        left = [comb_signal(m, inflight[e].level - ret[e], f"left_{e.name}") for e in Engine]
+        pending = comb_signal(m, _or([(queues[e].level != 0) | (left[e] != 0) for e in Engine]))
+        end_now = comb_signal(m, running & ~overflow & halted & ~pending)
+        limit_now = comb_signal(m, running & ~overflow & ~end_now & (t >= self.watchdog))
+        oldest = _min_index(m,
             [(left[e] != 0, Mux(ret[e], inflight[e].head2.index, inflight[e].head.index))
              for e in Engine] + [(queues[e].level != 0, queues[e].head.index) for e in Engine],
             pc)
-        go = running & ~overflow & ~end_now & ~limit_now   # phases 2 and 3 run
+        go = comb_signal(m, running & ~overflow & ~end_now & ~limit_now)  # phases 2, 3 run
 
         # ---- phase 2: start ----------------------------------------------------------------
         st = [Signal(name=f"start_{e.name}") for e in Engine]
+        hds = []
         for e in Engine:
             q = queues[e]
             word = q.head.word
-            hdr = heads[e]
-            opc = hdr.opcode
-            busy, lat = Value.cast(1), Value.cast(1)            # SYNC
-            unit_ok: Value = Const(1)
-            for op in ENGINE_OPS[e]:
-                b, lt = decode.timing(op, word, cfg)
-                busy, lat = Mux(opc == int(op), b, busy), Mux(opc == int(op), lt, lat)
-                unit_ok = Mux(opc == int(op), t >= unit_free[isa.OPCODE_UNIT[op]], unit_ok)
+            m.submodules[f"head_{e.name.lower()}"] = hd = HeadDecoder(cfg, e)
+            m.d.comb += hd.word.eq(word)
+            hds.append(hd)
+            busy, lat = hd.busy, hd.latency
+            unit_ok = Signal(name=f"unit_ok_{e.name}")
+            m.d.comb += unit_ok.eq(1)
+            for u in UNITS:
+                with m.If(hd.unit == int(u)):
+                    m.d.comb += unit_ok.eq(t >= unit_free[u])
             tok_ok: Value = Const(1)
             for w in Engine:
                 if w != e:
-                    tok_ok = tok_ok & (~hdr.wait[w] | (tok[w, e] != 0) | inc[w, e])
+                    tok_ok = tok_ok & (~hd.wait[w] | (tok[w, e] != 0) | inc[w, e])
             room = left[e] < cfg.retire_depth
             extra: Value = Const(1)
             if e == Engine.EX:
-                mm = decode.view(Opcode.MATMUL, word)
                 shadow_free = Mux(active, bank_free[0], bank_free[1])
-                extra = Mux(opc == int(Opcode.PRELOAD), t >= shadow_free,
-                            Mux((opc == int(Opcode.MATMUL)) & mm.swap, t >= preload_done, 1))
+                extra = Mux(hd.preload, t >= shadow_free,
+                            Mux(hd.matmul & hd.swap, t >= preload_done, 1))
             if e == Engine.VX:
-                extra = Mux(opc == int(Opcode.ELTWISE), t >= vx_done, 1)
+                extra = Mux(hd.eltwise, t >= vx_done, 1)
+            tok_ok = comb_signal(m, tok_ok, f"tokens_ok_{e.name}")
+            extra = comb_signal(m, extra, f"bank_ok_{e.name}")
             m.d.comb += st[e].eq(go & (q.level != 0) & unit_ok & tok_ok & room & extra)
-            complete = (t + lat)[:CYCLE_BITS]
+            complete = comb_signal(m, (t + lat)[:CYCLE_BITS], f"complete_{e.name}")
             m.d.comb += [q.pop.eq(st[e]), inflight[e].push.eq(st[e]),
                          inflight[e].data.complete.eq(complete),
-                         inflight[e].data.signal.eq(hdr.signal),
+                         inflight[e].data.signal.eq(hd.signal),
                          inflight[e].data.index.eq(q.head.index)]
             # Hand the instruction to its unit.
             for op in ENGINE_OPS[e]:
@@ -216,41 +275,40 @@ class Control(wiring.Component):
                 port = self.unit_port(unit)
                 m.d.comb += [port.payload.word.eq(word), port.payload.index.eq(q.head.index),
                              port.payload.cycle.eq(t)]
-                with m.If(st[e] & (opc == int(op))):
+                with m.If(st[e] & (hd.unit == int(unit))):
                     m.d.comb += port.valid.eq(1)
                     m.d.sync += unit_free[unit].eq(t + busy)
             if e == Engine.EX:
-                mm = decode.view(Opcode.MATMUL, word)
-                use = Mux(mm.swap, ~active, active)
+                use = Mux(hd.swap, ~active, active)
                 m.d.comb += [self.unit_port(Unit.EX_WEIGHTS).payload.bank.eq(~active),
                              self.unit_port(Unit.EX_ARRAY).payload.bank.eq(use)]
-                with m.If(st[e] & (opc == int(Opcode.MATMUL))):
+                with m.If(st[e] & hd.matmul):
                     m.d.sync += active.eq(use)
                     for bk in range(2):
                         with m.If((use == bk) & (bank_free[bk] < complete)):
                             m.d.sync += bank_free[bk].eq(complete)
-                with m.If(st[e] & (opc == int(Opcode.PRELOAD))):
+                with m.If(st[e] & hd.preload):
                     m.d.sync += preload_done.eq(complete)
             if e == Engine.VX:
                 # As the contract: the latest VX start (SYNC included) dates the next ELTWISE.
                 with m.If(st[e]):
                     m.d.sync += vx_done.eq(complete)
-        any_st = _or(st)
+        any_st = comb_signal(m, _or(st))
 
         # Tokens: + on retirement of the giver, - on start of the taker.
         for (a, b), cnt in tok.items():
-            m.d.sync += cnt.eq(cnt + inc[a, b] - (st[b] & heads[b].wait[a]))
+            m.d.sync += cnt.eq(cnt + inc[a, b] - (st[b] & hds[b].wait[a]))
 
         # ---- phase 3: dispatch -------------------------------------------------------------
+        m.submodules.dispatch = dd = DispatchDecoder(cfg)
+        m.d.comb += [dd.word.eq(self.imem.data), dd.pc.eq(pc), dd.n_instr.eq(self.n_instr),
+                     dd.dram_bytes.eq(self.dram_bytes)]
         word = self.imem.data
-        opc = data.View(decode.HEADER_LAYOUT, word).opcode
-        legal = decode.legal(word) & (pc < self.n_instr)
-        addr_ok = decode.address_ok(word, cfg, self.dram_bytes)
-        eng = decode.engine_of(word)
+        legal, addr_ok, eng = dd.legal, dd.address_ok, dd.engine
         can = go & ~halted
         illegal = can & ~legal
         bad_addr = can & legal & ~addr_ok
-        is_halt, is_barrier = opc == int(Opcode.HALT), opc == int(Opcode.BARRIER)
+        is_halt, is_barrier = dd.halt, dd.barrier
         disp = Signal()
         pushes = [Signal(name=f"push_{e.name}") for e in Engine]
         with m.If(can & legal & addr_ok):
@@ -273,8 +331,8 @@ class Control(wiring.Component):
 
         # ---- end of cycle: deadlock --------------------------------------------------------
         inflight_after = _or([(left[e] + st[e]) != 0 for e in Engine])
-        deadlock = go & ~any_ret & ~any_st & ~disp & ~inflight_after
-        queued_min = _min_index([(queues[e].level != 0, queues[e].head.index) for e in Engine],
+        deadlock = comb_signal(m, go & ~any_ret & ~any_st & ~disp & ~inflight_after)
+        queued_min = _min_index(m, [(queues[e].level != 0, queues[e].head.index) for e in Engine],
                                 pc)
 
         # ---- state update ------------------------------------------------------------------
@@ -332,14 +390,14 @@ class Control(wiring.Component):
         return m
 
 
-def _min_index(candidates: list[tuple[Value, Value]], default: Value) -> Value:
+def _min_index(m: Module, candidates: list[tuple[Value, Value]], default: Value) -> Value:
     """The smallest index among the valid candidates, or ``default`` when none is valid."""
     best: Value = Value.cast(default)
     have: Value = Const(0)
     for valid, idx in candidates:
         better = valid & (~have | (idx < best))
-        best = Mux(better, idx, best)
-        have = have | valid
+        best = comb_signal(m, Mux(better, idx, best))
+        have = comb_signal(m, have | valid)
     return best
 
 

@@ -18,8 +18,17 @@ from amaranth.lib.wiring import In, Out
 from npu import isa
 from npu.isa import EltFunc, NPUConfig, Opcode
 
-from .common import DelayLine, Walk, clamp_int8, mem_signatures, round_shift, spad_row, \
-    start_signature, wrap32
+from .common import (
+    DelayLine,
+    Walk,
+    clamp_int8,
+    comb_signal,
+    mem_signatures,
+    round_shift,
+    spad_row,
+    start_signature,
+    wrap32,
+)
 from .decode import opcode_of, view
 
 __all__ = ["VectorUnit", "requantize_lane", "eltwise_lane"]
@@ -27,20 +36,20 @@ __all__ = ["VectorUnit", "requantize_lane", "eltwise_lane"]
 _ROW = 20
 
 
-def requantize_lane(acc: Value, bias: Value, mult: Value, shift: Value, zero_point: Value,
-                    lo: Value, hi: Value) -> Value:
+def requantize_lane(m: Module, acc: Value, bias: Value, mult: Value, shift: Value,
+                    zero_point: Value, lo: Value, hi: Value) -> Value:
     """``numerics.requantize`` for one lane (int32 inputs, int8 result)."""
-    x = wrap32(acc + bias)
-    prod = x * mult
-    return clamp_int8(round_shift(prod, shift[:6]) + zero_point, lo, hi)
+    x = comb_signal(m, wrap32(acc + bias))
+    prod = comb_signal(m, x * mult)
+    return clamp_int8(m, round_shift(m, prod, shift[:6]) + zero_point, lo, hi)
 
 
-def eltwise_lane(func: Value, a: Value, b: Value, f: data.View) -> Value:
+def eltwise_lane(m: Module, a: Value, b: Value, f: data.View) -> Value:
     """``numerics.eltwise_add`` / ``eltwise_max`` for one lane; ``f`` is the ELTWISE view."""
-    t = (a - f.a_zero) * f.a_mult + (b - f.b_zero) * f.b_mult
-    add = clamp_int8(round_shift(t, f.shift) + f.zero_point, f.clamp_min, f.clamp_max)
-    mx = clamp_int8(Mux(a > b, a, b), f.clamp_min, f.clamp_max)
-    return Mux(func == int(EltFunc.ADD), add, mx)  # as the reference: any other func is MAX
+    t = comb_signal(m, (a - f.a_zero) * f.a_mult + (b - f.b_zero) * f.b_mult)
+    add = clamp_int8(m, round_shift(m, t, f.shift) + f.zero_point, f.clamp_min, f.clamp_max)
+    mx = clamp_int8(m, Mux(a > b, a, b), f.clamp_min, f.clamp_max)
+    return Mux(f.func == int(EltFunc.ADD), add, mx)  # as the reference: any other func is MAX
 
 
 class VectorUnit(wiring.Component):
@@ -109,9 +118,9 @@ class VectorUnit(wiring.Component):
         vq, eq_ = view(Opcode.VECTOR, word_q), view(Opcode.ELTWISE, word_q)
         res = Signal(spad_row(cfg))
         for c in range(cfg.cols):
-            r_vec = requantize_lane(self.acc_r.data[c], params[0][c], params[1][c],
+            r_vec = requantize_lane(m, self.acc_r.data[c], params[0][c], params[1][c],
                                     params[2][c], vq.zero_point, vq.clamp_min, vq.clamp_max)
-            r_elt = eltwise_lane(eq_.func, self.spad_ra.data[c], self.spad_rb.data[c], eq_)
+            r_elt = eltwise_lane(m, self.spad_ra.data[c], self.spad_rb.data[c], eq_)
             m.d.comb += res[c].eq(Mux(q.kind == K_VROW, r_vec, r_elt))
 
         out_layout = data.StructLayout({"valid": 1, "dst": _ROW, "row": spad_row(cfg)})

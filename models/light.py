@@ -96,10 +96,10 @@ def _init_param(name: str, shape: tuple[int, ...], role: str, seed: int) -> np.n
     normal = rng.standard_normal(shape, dtype=np.float32)
     if role == "weight":
         value = normal * np.sqrt(2.0 / max(1, int(np.prod(shape[1:]))))
-    elif role == "gemm_weight_t":
-        value = normal * np.sqrt(2.0 / shape[1])
-    elif role == "gemm_weight":
-        value = normal * np.sqrt(2.0 / shape[0])
+    elif role in ("gemm_weight_t", "gemm_weight"):
+        dims = [d for d in shape if d != 1] or [1, 1]  # a Reshape may add 1s: [1, 1, out, in]
+        fan_in = dims[-1] if role == "gemm_weight_t" else dims[0]
+        value = normal * np.sqrt(2.0 / fan_in)
     elif role == "bias":
         value = 0.05 * normal
     elif role == "scale":
@@ -218,6 +218,11 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
     calib = copy.deepcopy(model)
     graph = calib.graph
     users = _consumers(graph)
+    typed = copy.deepcopy(model)
+    typed.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in params.items())
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in onnx.shape_inference.infer_shapes(typed).graph.value_info}
+    del typed
     nodes: list[onnx.NodeProto] = []
     fold: dict[str, tuple[onnx.NodeProto, str, str]] = {}  # conv name -> (conv, mean, var)
     set_stats: list[tuple[str, str, str, str]] = []  # (mean out, var out, mean p, var p)
@@ -228,7 +233,8 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
             set_stats.append((out_m, out_v, node.input[3], node.input[4]))
             nodes.append(node)
         elif (node.op_type == "Conv" and len(node.input) == 3
-              and not any(u.op_type == "BatchNormalization" for u, _ in users[node.output[0]])):
+              and not any(u.op_type == "BatchNormalization" for u, _ in users[node.output[0]])
+              and _samples_per_channel(shapes.get(node.output[0])) >= 16):
             out, raw = node.output[0], node.output[0] + "__raw"
             c = params[node.input[1]].shape[0]
             names = [f"{out}__{k}" for k in ("s", "b", "m", "v")]
@@ -260,6 +266,13 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
         w, b = conv.input[1], conv.input[2]
         params[w] = (params[w] * inv.reshape(-1, *[1] * (params[w].ndim - 1))).astype(np.float32)
         params[b] = ((params[b] - outs[out_m]) * inv).astype(np.float32)
+
+
+def _samples_per_channel(shape: list[int] | None) -> int:
+    """N * H * W of an NCHW shape (0 when unknown)."""
+    if not shape or len(shape) < 3 or 0 in shape:
+        return 0
+    return int(shape[0] * np.prod(shape[2:]))
 
 
 def _train_mode(node: onnx.NodeProto, outputs: list[str]) -> None:

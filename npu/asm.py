@@ -486,10 +486,11 @@ def assemble(text: str, *, filename: str = "<asm>", base_dir: str | os.PathLike[
         try:
             body = line.split("#", 1)[0].strip()
             if st.data_seg is not None and body and _HEX_LINE.fullmatch(body):
-                for group in body.split():
-                    if len(group) % 2:
-                        raise _LineError(f"hex group {group!r} has an odd number of digits")
-                    st.data_seg.data += bytes.fromhex(group)
+                try:
+                    st.data_seg.data += bytes.fromhex(body)  # fast path: whole bytes
+                except ValueError:
+                    odd = next(g for g in body.split() if len(g) % 2)
+                    raise _LineError(f"hex group {odd!r} has an odd number of digits") from None
                 continue
             toks = _tokens(line)
             if not toks:
@@ -595,8 +596,8 @@ def disassemble(program: Program, *,
     caller writes; those segments are referenced with ``file=`` instead of hex lines.
     """
     cfg = program.config
-    lines = [f"# NPU program: {program.n_instructions} instructions, "
-             f"{len(program.segments)} segments"]
+    lines = [f"# NPU program: {program.n_instructions} instruction(s), "
+             f"{len(program.segments)} segment(s)"]
     if PRESETS.get(cfg.name) == cfg:
         lines.append(f".config {cfg.name}")
     else:

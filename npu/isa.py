@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ class Field:
     signed: bool = False
     doc: str = ""
     lsb: int = -1  # filled in by the layout pass
+    maximum: int | None = None  # largest legal value when below the width's (enumerations)
 
     @property
     def lo(self) -> int:
@@ -265,6 +267,8 @@ class Field:
 
     @property
     def hi(self) -> int:
+        if self.maximum is not None:
+            return self.maximum
         return (1 << (self.width - 1)) - 1 if self.signed else (1 << self.width) - 1
 
 
@@ -325,7 +329,7 @@ _BODIES: dict[Opcode, list[Field]] = {
     ],
     Opcode.ELTWISE: [
         # Ordered to pack into 64-bit words: A/B/dst addresses, strides, multipliers, bytes.
-        Field("func", 2, doc="0 ADD (rescaled), 1 MAX"),
+        Field("func", 2, doc="0 ADD (rescaled), 1 MAX", maximum=max(EltFunc)),
         Field("a_addr", _ROW, doc="SPAD row of the first A operand"),
         Field("b_addr", _ROW, doc="SPAD row of the first B operand"),
         Field("shift", 6, doc="ADD: right shift (round half to even)"),
@@ -538,11 +542,12 @@ def field_arrays(words: np.ndarray) -> dict[str, np.ndarray]:
     out = {name: np.zeros(n, dtype=np.int64) for name in ALL_FIELD_NAMES}
     opcode = (words[:, 0] & np.uint64(0xF)).astype(np.int64)
     for op, layout in LAYOUTS.items():
-        sel = opcode == int(op)
-        if not sel.any():
+        sel = np.flatnonzero(opcode == int(op))  # indices, not a mask: O(len(sel)) per field
+        if not sel.size:
             continue
+        cols = [words[sel, k] for k in range(INSTR_WORDS)]
         for key, f in layout.items():
-            w = words[sel, f.lsb // 64]
+            w = cols[f.lsb // 64]
             raw = (w >> np.uint64(f.lsb % 64)) & np.uint64((1 << f.width) - 1)
             val = raw.astype(np.int64)
             if f.signed:
@@ -625,11 +630,12 @@ def timing_arrays(fields: Mapping[str, np.ndarray], cfg: NPUConfig
     busy = np.ones(n, dtype=np.int64)
     latency = np.ones(n, dtype=np.int64)
     for op, (busy_code, lat_code) in _TIMING_CODE.items():
-        sel = opcode == int(op)
-        if not sel.any():
+        sel = np.flatnonzero(opcode == int(op))
+        if not sel.size:
             continue
-        ns = _namespace(cfg, {k: np.asarray(v)[sel] for k, v in fields.items()})
-        b = np.broadcast_to(np.asarray(eval(busy_code, ns), dtype=np.int64), (int(sel.sum()),))
+        # The formulas read only the opcode's own fields.
+        ns = _namespace(cfg, {k: np.asarray(fields[k])[sel] for k in LAYOUTS[op]})
+        b = np.broadcast_to(np.asarray(eval(busy_code, ns), dtype=np.int64), (sel.size,))
         ns["busy"] = b
         lat = np.broadcast_to(np.asarray(eval(lat_code, ns), dtype=np.int64), b.shape)
         unit[sel] = int(OPCODE_UNIT[op])
@@ -728,6 +734,16 @@ def address_error(instr: Instr, cfg: NPUConfig, dram_bytes: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _header_legal(op: Opcode, wait: int, signal: int, engine: int) -> bool:
+    """Whether :class:`Instr` accepts these token masks (and SYNC engine) for ``op``."""
+    try:
+        Instr(op, wait, signal, {"engine": engine} if op == Opcode.SYNC else {})
+    except ISAError:
+        return False
+    return True
+
+
 def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int) -> np.ndarray:
     """The dispatch-time fault of every instruction of a program, in bulk (int64 array):
     ``ILLEGAL_INSTRUCTION`` where :func:`decode` fails, ``ADDRESS_OUT_OF_RANGE`` where
@@ -758,15 +774,16 @@ def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int) -> np.ndar
         header = (fields["wait"][sel] | fields["signal"][sel] << m
                   | fields["engine"][sel] << (2 * m))
         for key in np.unique(header).tolist():
-            wait, signal, eng = key & ((1 << m) - 1), (key >> m) & ((1 << m) - 1), key >> (2 * m)
-            try:
-                Instr(op, wait, signal, {"engine": eng} if op == Opcode.SYNC else {})
-            except ISAError:
+            if not _header_legal(op, key & ((1 << m) - 1), (key >> m) & ((1 << m) - 1),
+                                 key >> (2 * m)):
                 bad |= header == key
         f = {k: fields[k][sel] for k in layout}
         for key in ("n", "n_inner", "n_outer", "row_bytes"):
             if key in f:
                 bad |= f[key] < 1
+        for key, fld in layout.items():  # enumerated fields with unassigned codes
+            if fld.maximum is not None:
+                bad |= f[key] > fld.maximum
         if op == Opcode.GATHER:
             bad |= f["n"] > cfg.gather_max
         if op == Opcode.ELTWISE:  # any overlap at all (a superset of the illegal ones)

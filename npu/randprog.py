@@ -36,7 +36,6 @@ from npu.isa import (
     LAYOUTS,
     VECTOR_PARAM_ROWS,
     Engine,
-    EltFunc,
     Fault,
     Instr,
     Mem,
@@ -199,7 +198,7 @@ def find_races(program: Program, dram: np.ndarray | None = None) -> list[str]:
                 paired.setdefault(j, []).append(ss[k])
     prefix: dict[int, int] = {}   # i -> bitset of its engine's instructions up to and incl. i
     prev_same: dict[int, int] = {}
-    for b, idxs in by_engine.items():
+    for idxs in by_engine.values():
         acc = 0
         for k, i in enumerate(idxs):
             acc |= 1 << i
@@ -842,7 +841,7 @@ def program_strategy(config: str | NPUConfig = "npu4", min_instructions: int = 0
 
     The program is drawn from a seed, so hypothesis shrinks the seed and the length only.
     """
-    from hypothesis import strategies as st   # a test dependency: imported on use
+    from hypothesis import strategies as st  # a test dependency: imported on use
 
     cfg, ks = _config_and_kinds(config, kinds)
 

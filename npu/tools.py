@@ -141,10 +141,15 @@ def _cmd_isa(args: argparse.Namespace) -> int:
 # npu asm / disasm
 # --------------------------------------------------------------------------------------------
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _summary(program: Program) -> str:
-    return (f"{program.n_instructions} instructions, {len(program.segments)} segments, "
-            f"{len(program.inputs)} inputs, {len(program.outputs)} outputs, "
-            f"config {program.config.name}, DRAM {program.dram_bytes} bytes")
+    return (f"{_count(program.n_instructions, 'instruction')}, "
+            f"{_count(len(program.segments), 'segment')}, {_count(len(program.inputs), 'input')}, "
+            f"{_count(len(program.outputs), 'output')}, config {program.config.name}, "
+            f"DRAM {program.dram_bytes} bytes")
 
 
 def _cmd_asm(args: argparse.Namespace) -> int:

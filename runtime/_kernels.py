@@ -20,8 +20,10 @@ from npu.isa import ALL_FIELD_NAMES, EltFunc, Mem
 #: The one set of njit options of the runtime: cached on disk, no fast-math (bit exactness first).
 NJIT = {"cache": True, "fastmath": False, "nogil": True, "error_model": "numpy"}
 
-# Column of each field in the field matrix. Module-level ints are compile-time constants in numba.
-_COL = {name: k for k, name in enumerate(ALL_FIELD_NAMES)}
+#: Column of each field in the field matrix (module-level ints are compile-time constants in
+#: numba, so each F_* below costs nothing in the kernels).
+FIELD_COLUMN = {name: k for k, name in enumerate(ALL_FIELD_NAMES)}
+_COL = FIELD_COLUMN
 N_FIELDS = len(ALL_FIELD_NAMES)
 F_OPCODE = _COL["opcode"]
 F_WAIT = _COL["wait"]
@@ -198,39 +200,48 @@ def exec_matmul(f: np.ndarray, spad: np.ndarray, acc: np.ndarray, wbank: np.ndar
                 wbank_f: np.ndarray, bank: int, xbuf: np.ndarray, ybuf: np.ndarray) -> None:
     """MATMUL with weight bank ``bank`` (the swap is the caller's): ACC rows = or += x @ W.
 
-    The int8 inputs are gathered into float32 and multiplied by BLAS; every partial sum is an
-    integer below 2**24 in magnitude when rows <= FLOAT32_EXACT_ROWS, so the product is exact,
-    and the accumulation into ACC is done in int64 and wrapped to int32 like the hardware.
-    ``xbuf``/``ybuf`` are float32 scratch of at least acc_rows rows."""
+    The int8 inputs are gathered into float32 and multiplied by BLAS: every partial sum is an
+    integer of magnitude <= rows * 2**14 <= 2**24 when rows <= FLOAT32_EXACT_ROWS, so the
+    product is exact; the accumulation into ACC is int32 with wrap-around like the hardware.
+    ``xbuf``/``ybuf`` are float32 scratch of at least acc_rows rows. The copies run over flat
+    views so that LLVM vectorises them."""
     n_inner, n_outer = f[F_N_INNER], f[F_N_OUTER]
     n = n_inner * n_outer
     rows, cols = wbank.shape[1], wbank.shape[2]
     a0 = f[F_ACC_ADDR]
     accumulate = f[F_ACCUMULATE] != 0
+    acc_flat = acc.reshape(-1)
     if rows <= FLOAT32_EXACT_ROWS:
+        x_flat = xbuf.reshape(-1)
+        if f[F_SPAD_STRIDE_INNER] == 1 and (n_outer == 1 or f[F_SPAD_STRIDE_OUTER] == n_inner):
+            spad_flat = spad.reshape(-1)  # the input rows are one contiguous block
+            base = f[F_SPAD_ADDR] * rows
+            for t in range(n * rows):
+                x_flat[t] = spad_flat[base + t]
+        else:
+            k = 0
+            for o in range(n_outer):
+                first = f[F_SPAD_ADDR] + o * f[F_SPAD_STRIDE_OUTER]
+                for i in range(n_inner):
+                    row = first + i * f[F_SPAD_STRIDE_INNER]
+                    for j in range(rows):
+                        xbuf[k, j] = spad[row, j]
+                    k += 1
+        np.dot(xbuf[:n], wbank_f[bank], ybuf[:n])
+        y_flat = ybuf.reshape(-1)
+        base = a0 * cols
+        if accumulate:
+            for t in range(n * cols):  # int32 + int32 stored into int32: wraps
+                acc_flat[base + t] = acc_flat[base + t] + np.int32(y_flat[t])
+        else:
+            for t in range(n * cols):
+                acc_flat[base + t] = np.int32(y_flat[t])
+    else:  # taller arrays: exact int64 dot products, wrapped
         k = 0
         for o in range(n_outer):
-            base = f[F_SPAD_ADDR] + o * f[F_SPAD_STRIDE_OUTER]
+            first = f[F_SPAD_ADDR] + o * f[F_SPAD_STRIDE_OUTER]
             for i in range(n_inner):
-                row = base + i * f[F_SPAD_STRIDE_INNER]
-                for j in range(rows):
-                    xbuf[k, j] = spad[row, j]
-                k += 1
-        y = ybuf[:n]
-        np.dot(xbuf[:n], wbank_f[bank], y)
-        for k in range(n):
-            if accumulate:
-                for j in range(cols):
-                    acc[a0 + k, j] = np.int64(acc[a0 + k, j]) + np.int64(y[k, j])
-            else:
-                for j in range(cols):
-                    acc[a0 + k, j] = np.int64(y[k, j])
-    else:  # wide arrays: exact int64 dot products
-        k = 0
-        for o in range(n_outer):
-            base = f[F_SPAD_ADDR] + o * f[F_SPAD_STRIDE_OUTER]
-            for i in range(n_inner):
-                row = base + i * f[F_SPAD_STRIDE_INNER]
+                row = first + i * f[F_SPAD_STRIDE_INNER]
                 for j in range(cols):
                     s = np.int64(0)
                     for r in range(rows):

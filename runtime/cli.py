@@ -144,11 +144,8 @@ def execute(program: Program, inputs: Mapping[str, np.ndarray] | None, *,
     inputs or options."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; engines are {', '.join(ENGINES)}")
+    from npu.runtime import run
     try:
-        if engine == "reference":
-            from npu.runtime.reference import run_reference
-            return run_reference(program, dict(inputs or {}), watchdog=watchdog)
-        from npu.runtime import run
         return run(program, dict(inputs or {}), engine=engine, watchdog=watchdog,
                    progress=progress)
     except ValueError as exc:  # inputs the executor refused (io.initial_state), bad options
@@ -172,7 +169,7 @@ def describe_fault(fault: NPUFault, program: Program) -> str:
     elif i >= n:
         lines.append(f"  instruction {i}: past the end of the program ({n} instructions)")
     if fault.detail:
-        lines.append(f"  {fault.detail}")
+        lines.append(f"  detail: {fault.detail}")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from npu.isa import (
-    ALL_FIELD_NAMES,
+    LAYOUTS,
     OPCODE_ENGINE,
     Engine,
     Fault,
@@ -48,6 +48,7 @@ from npu.runtime._kernels import (
     F_SIGNAL,
     F_SWAP,
     F_WAIT,
+    FIELD_COLUMN,
     N_FIELDS,
     NJIT,
     exec_eltwise,
@@ -350,9 +351,15 @@ def prepare(program: Program, validate: bool = True) -> Prepared:
         program.validate()
     fa = field_arrays(program.instructions)
     unit, busy, latency = timing_arrays(fa, program.config)
-    fields = np.ascontiguousarray(np.stack([fa[name] for name in ALL_FIELD_NAMES], axis=1),
-                                  dtype=np.int64).reshape(-1, N_FIELDS)
     opcode = fa["opcode"]
+    # The field matrix, one row per instruction; filled per opcode with only its own fields
+    # (most of the columns of a row are other opcodes' fields, which read 0).
+    fields = np.zeros((program.n_instructions, N_FIELDS), dtype=np.int64)
+    for op, layout in LAYOUTS.items():
+        sel = np.flatnonzero(opcode == int(op))
+        if sel.size:
+            cols = [FIELD_COLUMN[k] for k in layout]
+            fields[sel[:, None], cols] = np.stack([fa[k][sel] for k in layout], axis=1)
     engine = _ENGINE_OF_OPCODE[opcode]
     engine = np.where(opcode == OP_SYNC, fa["engine"], engine).astype(np.int64)
     static = np.zeros(program.n_instructions, dtype=np.int64) if validate else \

@@ -11,9 +11,11 @@ program of 100k+ instructions is profiled in well under a second:
   stalled cycles (its head instruction waits while no unit of the engine is busy), idle cycles
   (nothing to do: the rest), and the stalled cycles split by reason; the dispatcher gets a row
   of its own (busy = cycles it dispatched, stalled = cycles a full queue or a BARRIER held it);
-* totals and per region (the program's labels, e.g. layer names): cycles spanned, MACs, ideal
-  cycles (MACs / PEs), array utilization, DRAM bytes read and written, arithmetic intensity and
-  whether a roofline against the config's peaks calls the region compute- or memory-bound.
+* totals and per region (the program's labels, e.g. layer names): the cycles it spans, the
+  cycles it adds to the total (regions of a pipelined program overlap, so spans double count),
+  MACs, ideal cycles (MACs / PEs), array utilization, DRAM bytes read and written, arithmetic
+  intensity and whether a roofline against the config's peaks calls it compute- or
+  memory-bound.
 
 Outputs: :meth:`Profile.table` (terminal text), :meth:`Profile.to_dict` / :meth:`to_json`
 (:meth:`from_dict` / :meth:`from_json` read them back), :meth:`Profile.to_perfetto` (Chrome
@@ -99,10 +101,14 @@ class EngineStats:
 class RegionStats:
     """Figures of one region (a labelled run of instructions, e.g. a layer) or of the total.
 
-    ``start``/``end`` are the first start and last retirement of its engine instructions
-    (-1 if it has none) and ``cycles = end - start`` (for the total: the program's cycles).
-    Regions of a pipelined program overlap in time, so their cycles may sum to more than the
-    total. ``intensity`` is MACs per DRAM byte (read + written; None without DRAM traffic).
+    ``first``/``last``: its instruction indices. ``start``/``end``: the first start and last
+    retirement of its engine instructions (-1 if it has none); ``span = end - start``. Regions
+    of a pipelined program overlap in time (the next layer's loads run beside this one's
+    matmuls), so spans double count. ``cycles`` is the region's share of the total instead:
+    from the latest end of the regions before it to its own end (the last region runs to the
+    program's end), so the regions' cycles sum to the total, and a region that finishes in the
+    shadow of earlier ones costs little. ``utilization = macs / (cycles x PEs)``.
+    ``intensity`` is MACs per DRAM byte (read + written; None without DRAM traffic).
     ``memory_cycles`` is the DRAM lower bound: the busier channel's bytes / bytes per beat.
     ``bound`` is "compute" when ``ideal_cycles >= memory_cycles``, else "memory" ("-" when the
     region does neither)."""
@@ -113,6 +119,7 @@ class RegionStats:
     instructions: int
     start: int
     end: int
+    span: int
     cycles: int
     macs: int
     ideal_cycles: float
@@ -129,7 +136,7 @@ class RegionStats:
 
     @property
     def macs_per_cycle(self) -> float:
-        """Achieved MACs per cycle over the region's span."""
+        """Achieved MACs per cycle of the region's share of the total."""
         return self.macs / self.cycles if self.cycles > 0 else 0.0
 
 
@@ -265,14 +272,19 @@ class Profile:
             sums = {k: np.add.reduceat(cols[k], starts) for k in ("macs", "dram_read",
                                                                   "dram_write")}
             bounds = [*starts.tolist(), n]
+            # Share of the total: from the latest end so far to this region's end.
+            edge = np.maximum.accumulate(np.maximum(last_end, 0))
+            edge[-1] = max(cycles, int(edge[-1]))
+            share = np.diff(np.concatenate(([0], edge)))
             for r, label in enumerate(labels):
                 s = int(first_start[r]) if first_start[r] != big else -1
                 e = int(last_end[r]) if s >= 0 else -1
                 regions.append(_region(cfg, label, bounds[r], bounds[r + 1] - 1, s, e,
-                                       max(e - s, 0), int(sums["macs"][r]),
+                                       max(e - s, 0), int(share[r]), int(sums["macs"][r]),
                                        int(sums["dram_read"][r]), int(sums["dram_write"][r])))
-        total = _region(cfg, "total", 0, n - 1, 0, cycles, cycles, int(cols["macs"].sum()),
-                        int(cols["dram_read"].sum()), int(cols["dram_write"].sum()))
+        total = _region(cfg, "total", 0, n - 1, 0, cycles, cycles, cycles,
+                        int(cols["macs"].sum()), int(cols["dram_read"].sum()),
+                        int(cols["dram_write"].sum()))
         return cls(cfg, name, cycles, list(labels), cols, engines, regions, total)
 
     # Derived totals ----------------------------------------------------------------------
@@ -343,7 +355,7 @@ class Profile:
             f"({100 * self.write_bandwidth_utilization:.1f}% of the write channel)",
             "",
         ]
-        head = ["region", "instrs", "start", "end", "cycles", "MACs", "ideal", "util",
+        head = ["region", "instrs", "start", "end", "span", "cycles", "MACs", "ideal", "util",
                 "DRAM rd", "DRAM wr", "MAC/B", "bound"]
         rows = [_region_row(r) for r in self.regions]
         rows.append(None)
@@ -544,8 +556,8 @@ class Profile:
         for r, lane in zip(self.regions, lanes):
             if r.start >= 0:
                 small.append({"ph": "X", "pid": 1, "tid": lane_tid[lane], "name": r.label,
-                              "cat": "region", "ts": r.start, "dur": r.cycles,
-                              "args": {"first_instruction": r.first,
+                              "cat": "region", "ts": r.start, "dur": r.span,
+                              "args": {"cycles": r.cycles, "first_instruction": r.first,
                                        "last_instruction": r.last, "macs": r.macs,
                                        "utilization": round(r.utilization, 4),
                                        "dram_read": r.dram_read, "dram_write": r.dram_write,
@@ -582,8 +594,7 @@ class Profile:
 
         other = json.dumps({"time_unit": "1 us = 1 cycle", "program": self.name,
                             "config": cfg.name, "cycles": self.cycles})
-        return ('{"traceEvents":[' + ",\n".join(parts) + '],"displayTimeUnit":"ns",'
-                '"otherData":' + other + "}")
+        return '{"traceEvents":[' + ",\n".join(parts) + '],"otherData":' + other + "}"
 
     def _events(self, mask: np.ndarray, phase: str, tid: np.ndarray, ts: np.ndarray,
                 dur: np.ndarray | None, with_fields: bool) -> list[str]:
@@ -648,39 +659,40 @@ class Profile:
         cols = self.instructions
         units = [u for e in Engine for u in _UNITS_OF_ENGINE[e] if u != Unit.NONE]
         colours = _opcode_colours()
-        tol = self.cycles / (2 * width_px)  # merge bars less than half a pixel apart
+        # One bin per pixel column: a bar's height is the fraction of the bin's cycles the unit
+        # was busy with that opcode (exact for short programs, honest for 100k+ instructions).
+        n_bins = max(min(width_px, 4 * max(self.cycles, 1)), 1)
+        edges = np.linspace(0.0, max(self.cycles, 1), n_bins + 1)
         ran = cols["start"] >= 0
         seen: set[int] = set()
         for k, u in enumerate(units):
             row = k + 1  # row 0 holds the regions
-            sel = np.flatnonzero(ran & (cols["unit"] == u))
-            if not len(sel):
-                continue
-            s = cols["start"][sel]
-            e = s + cols["busy"][sel]
-            op = cols["opcode"][sel]
-            brk = np.ones(len(s), dtype=bool)  # a bar starts at a new opcode or a visible gap
-            brk[1:] = (op[1:] != op[:-1]) | (s[1:] - e[:-1] > tol)
-            first = np.flatnonzero(brk)
-            ms, me, mop = s[first], np.maximum.reduceat(e, first), op[first]
-            for code in np.unique(mop).tolist():
-                m = mop == code
-                ax.broken_barh(list(zip(ms[m].tolist(), (me[m] - ms[m]).tolist())),
-                               (row - 0.4, 0.8), facecolors=colours[code], linewidth=0)
+            sel = ran & (cols["unit"] == u)
+            filled = np.zeros(n_bins)
+            for code in np.unique(cols["opcode"][sel]).tolist():
+                mine = sel & (cols["opcode"] == code)
+                s = cols["start"][mine]
+                ms, me = _union(s, s + cols["busy"][mine])
+                share = np.diff(_covered(ms, me, edges)) / np.diff(edges)
+                ax.stairs(row + 0.4 - 0.8 * (filled + share), edges,
+                          baseline=row + 0.4 - 0.8 * filled, fill=True, color=colours[code],
+                          linewidth=0)
+                filled += share
                 seen.add(code)
         # Regions: a row of bars (overlapping regions on stacked lanes) plus light shading.
         lanes = _region_lanes(self.regions)
         n_lanes = max(lanes, default=0) + 1
         height = 0.8 / n_lanes
         for j, (r, lane) in enumerate(zip(self.regions, lanes)):
-            if r.start < 0 or r.cycles <= 0:
+            if r.start < 0 or r.span <= 0:
                 continue
             tone = "tab:gray" if j % 2 else "silver"
-            ax.broken_barh([(r.start, r.cycles)], (-0.4 + lane * height, height),
+            ax.broken_barh([(r.start, r.span)], (-0.4 + lane * height, height),
                            facecolors=tone, edgecolors="white", linewidth=0.5)
-            ax.axvspan(r.start, r.end, color=tone, alpha=0.07, linewidth=0, zorder=0)
-            if r.cycles >= self.cycles / 25:
-                ax.text(r.start + r.cycles / 2, -0.4 + (lane + 0.5) * height, r.label,
+            if len(self.regions) <= 500:
+                ax.axvspan(r.start, r.end, color=tone, alpha=0.07, linewidth=0, zorder=0)
+            if r.span >= self.cycles / 25:
+                ax.text(r.start + r.span / 2, -0.4 + (lane + 0.5) * height, r.label,
                         ha="center", va="center", fontsize=7, clip_on=True)
         labels = {Unit.EX_WEIGHTS: "EX weights", Unit.EX_ARRAY: "EX array"}
         ax.set_yticks(range(len(units) + 1))
@@ -689,7 +701,8 @@ class Profile:
         ax.set_ylim(len(units) + 0.6, -0.6)
         ax.set_xlim(0, max(self.cycles, 1))
         ax.set_xlabel("cycle")
-        ax.set_title("engine timeline (bars: unit busy, coloured by opcode)", fontsize=10)
+        ax.set_title("engine timeline (bar height: fraction of the cycles a unit is busy, by "
+                     "opcode)", fontsize=10)
         ax.legend(handles=[Patch(color=colours[c], label=_OPNAME[c]) for c in sorted(seen)],
                   loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7,
                   ncol=max(len(seen), 1), frameon=False)
@@ -703,7 +716,7 @@ class Profile:
         ax.bar(x, util, color=colour, width=0.8)
         ax.axhline(100 * self.utilization, color="k", linestyle="--", linewidth=1,
                    label=f"total {100 * self.utilization:.1f}%")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, max([100.0, *util]) * 1.02)  # > 100%: finished in an earlier one's shadow
         ax.set_ylabel("array utilization (%)")
         step = max(1, math.ceil(len(regions) / 40))
         ax.set_xticks(x[::step])
@@ -728,9 +741,13 @@ class Profile:
             ax.scatter(xs, [p[1] for p in pts], s=18, color="tab:red", zorder=3,
                        label="regions")
             if len(pts) <= 16:
-                for x, y, label in pts:
-                    ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
+                placed: set[tuple[float, float]] = set()
+                for x, y, label in pts:  # one label per spot: tiles of a layer often coincide
+                    spot = (round(math.log10(x), 2), round(math.log10(max(y, 1e-9)), 2))
+                    if spot not in placed:
+                        placed.add(spot)
+                        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3),
+                                    textcoords="offset points")
         if self.total.macs and max(self.dram_read, self.dram_write):
             ax.scatter([self.macs / max(self.dram_read, self.dram_write)],
                        [self.macs / max(self.cycles, 1)], marker="*", s=80, color="k",
@@ -799,12 +816,12 @@ def _dispatcher_stats(cols: Mapping[str, np.ndarray], cycles: int) -> EngineStat
 
 
 def _region(cfg: NPUConfig, label: str, first: int, last: int, start: int, end: int,
-            cycles: int, macs: int, rd: int, wr: int) -> RegionStats:
+            span: int, cycles: int, macs: int, rd: int, wr: int) -> RegionStats:
     ideal = macs / cfg.pes
     memory = max(rd, wr) / cfg.dram_beat_bytes
     return RegionStats(
         label=label, first=first, last=last, instructions=max(last - first + 1, 0),
-        start=start, end=end, cycles=cycles, macs=macs, ideal_cycles=ideal,
+        start=start, end=end, span=span, cycles=cycles, macs=macs, ideal_cycles=ideal,
         utilization=macs / (cycles * cfg.pes) if cycles > 0 else 0.0,
         dram_read=rd, dram_write=wr, intensity=macs / (rd + wr) if rd + wr else None,
         memory_cycles=memory, bound=_bound(macs, ideal, memory))
@@ -842,7 +859,8 @@ def _num(x: float) -> str:
 def _region_row(r: RegionStats) -> list[str]:
     span = r.start >= 0
     return [r.label or "-", f"{r.instructions:,}", f"{r.start:,}" if span else "-",
-            f"{r.end:,}" if span else "-", f"{r.cycles:,}", f"{r.macs:,}", _num(r.ideal_cycles),
+            f"{r.end:,}" if span else "-", f"{r.span:,}", f"{r.cycles:,}", f"{r.macs:,}",
+            _num(r.ideal_cycles),
             f"{100 * r.utilization:.1f}%", f"{r.dram_read:,}", f"{r.dram_write:,}",
             "-" if r.intensity is None else f"{r.intensity:.2f}", r.bound]
 

@@ -19,7 +19,7 @@ from npu.builder import DEFAULTS, ProgramBuilder
 from npu.isa import LAYOUTS, PRESETS, Engine, Instr, Opcode, encode, encode_words
 from npu.program import Binding, Program, ProgramError, Segment
 
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=100, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -312,3 +312,18 @@ def test_instruction_table_markdown_lists_every_opcode_and_field() -> None:
         for key in LAYOUTS[op]:
             if key not in HEADER:
                 assert f"| {op.name} | `{key}` |" in table
+
+
+def test_eltwise_unassigned_function_is_illegal() -> None:
+    """ELTWISE.func has 2 bits but only ADD and MAX exist: 2 and 3 must not decode."""
+    import numpy as np
+
+    from npu.isa import PRESETS, Fault, Instr, ISAError, Opcode, encode, decode, static_faults
+    good = Instr(Opcode.ELTWISE, fields=dict(func=1, n_inner=1, n_outer=1, dst=8))
+    word = int.from_bytes(encode(good), "little")
+    lsb = __import__("npu.isa", fromlist=["LAYOUTS"]).LAYOUTS[Opcode.ELTWISE]["func"].lsb
+    bad = (word | (3 << lsb)).to_bytes(32, "little")
+    with pytest.raises(ISAError, match=r"ELTWISE.func=3 out of range \[0, 1\]"):
+        decode(bad)
+    words = np.frombuffer(bad, dtype="<u8").reshape(1, 4).astype(np.uint64)
+    assert static_faults(words, PRESETS["npu4"], 64)[0] == Fault.ILLEGAL_INSTRUCTION

@@ -17,6 +17,7 @@ from strategies import any_instr, valid_instr
 from npu import numerics
 from npu.builder import ProgramBuilder
 from npu.isa import (
+    ALL_FIELD_NAMES,
     INSTR_WORDS,
     PRESETS,
     Fault,
@@ -32,7 +33,7 @@ from npu.program import ProgramError
 from npu.runtime import NPUFault, run
 from npu.runtime import _kernels as K
 from npu.runtime import reference as ref
-from npu.runtime.engine import ALL_FIELD_NAMES, execute, prepare
+from npu.runtime.engine import execute, prepare
 from npu.runtime.io import initial_state
 from npu.runtime.reference import run_reference
 
@@ -365,7 +366,7 @@ def test_progress_bar_resumes_exactly() -> None:
     rng = np.random.default_rng(0)
     b.segment("x", rng.integers(0, 256, 4096 - 64, dtype=np.uint8))
     for k in range(300):
-        b.load(dram_addr=16 * k, dram_stride_inner=4, dst=k % 64, n_inner=3, row_bytes=4,
+        b.load(dram_addr=8 * k, dram_stride_inner=4, dst=k % 64, n_inner=3, row_bytes=4,
                signal="ST")
         b.store(src=k % 64, mem=0, n_inner=3, row_bytes=4, dram_addr=3072 + 4 * (k % 64),
                 dram_stride_inner=4, wait="LD")

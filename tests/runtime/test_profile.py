@@ -7,8 +7,10 @@ profile figures rest on an independent derivation, not on the profiler's own ari
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,14 +121,35 @@ def test_engines(prof):
 def test_regions(prof):
     load, mm, out = prof.regions
     assert [r.label for r in prof.regions] == ["load", "mm", "out"]
-    assert (load.first, load.last, load.start, load.end, load.cycles) == (0, 1, 1, 45, 44)
+    assert (load.first, load.last, load.start, load.end, load.span) == (0, 1, 1, 45, 44)
     assert (load.dram_read, load.dram_write, load.bound) == (32, 0, "memory")
-    assert (mm.start, mm.end, mm.cycles, mm.macs, mm.ideal_cycles) == (41, 76, 35, 128, 8.0)
-    assert mm.utilization == pytest.approx(128 / (35 * 16))
+    assert (mm.start, mm.end, mm.span, mm.macs, mm.ideal_cycles) == (41, 76, 35, 128, 8.0)
     assert (mm.intensity, mm.bound) == (None, "compute")
     # out: the GATHER starts at 13, the STORE retires at 116; HALT does not count.
-    assert (out.start, out.end, out.cycles, out.instructions) == (13, 116, 103, 3)
+    assert (out.start, out.end, out.span, out.instructions) == (13, 116, 103, 3)
     assert (out.dram_read, out.dram_write, out.memory_cycles, out.bound) == (16, 32, 8.0, "memory")
+    # Shares of the total: up to each region's end (45, 76, then the program's end 116).
+    assert [r.cycles for r in prof.regions] == [45, 31, 40]
+    assert mm.utilization == pytest.approx(128 / (31 * 16))
+
+
+def test_region_shares_with_overlap_and_shadow():
+    """A region that ends before an earlier one costs nothing; shares always sum to the total."""
+    b = ProgramBuilder("npu4", dram_bytes=64)
+    b.region("long")
+    b.load(dst=0, n_inner=40, row_bytes=4, fill=1)              # LD: [1, 41), ends 73
+    b.region("short")
+    b.preload(0)                                                # EX: ends early, in the shadow
+    b.region("last")
+    b.load(dst=40, n_inner=1, row_bytes=4, fill=1)
+    p = b.build()
+    ref = pytest.importorskip("npu.runtime.reference")
+    result = ref.run_reference(p)
+    prof = Profile.from_result(result)
+    long, short, last = prof.regions
+    assert short.end < long.end and short.cycles == 0 and short.span == 4
+    assert long.cycles == long.end and last.cycles == result.cycles - long.end
+    assert sum(r.cycles for r in prof.regions) == result.cycles
 
 
 def test_unlabelled_prefix_and_no_regions():
@@ -147,8 +170,8 @@ def test_unlabelled_prefix_and_no_regions():
 def test_table(prof):
     text = prof.table()
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
-    assert rows["mm"][1:9] == ["3", "41", "76", "35", "128", "8", "22.9%", "0"]
-    assert rows["total"][4:5] == ["116"] and rows["total"][-1] == "memory"
+    assert rows["mm"][1:10] == ["3", "41", "76", "35", "31", "128", "8", "25.8%", "0"]
+    assert rows["total"][5:6] == ["116"] and rows["total"][-1] == "memory"
     assert rows["EX"][1:6] == ["2", "12", "38", "66", "10.3%"]
     assert "longest stalls" in text and "STORE" in text
     widths = {len(line) for line in text.splitlines()[4:9]}
@@ -221,6 +244,7 @@ def test_perfetto(prof, tmp_path):
         assert threads[e["tid"]] == f"{Engine(HAND['engine'][i]).name} stalls"
     regions = {e["name"]: e for e in events if e.get("cat") == "region"}
     assert (regions["mm"]["ts"], regions["mm"]["dur"]) == (41, 35)
+    assert regions["mm"]["args"]["cycles"] == 31
     # Slices on one thread never overlap partially (Perfetto needs proper nesting).
     by_tid: dict[int, list[tuple[int, int]]] = {}
     for e in events:
@@ -281,9 +305,9 @@ def _tiled_program() -> Program:
     """Two-bank matmuls whose PRELOADs overlap MATMULs, a BARRIER, a full LD queue and a SYNC."""
     b = ProgramBuilder("npu4", dram_bytes=4096)
     b.region("loads")
-    for k in range(10):                                  # more than queue_depth (8) LOADs
+    for k in range(14):                                  # overflows the LD queue (8)
         b.load(dram_addr=64 * k, dst=8 * k, n_inner=8, row_bytes=4, dram_stride_inner=4,
-               signal="EX" if k in (0, 9) else None)
+               signal="EX" if k in (0, 13) else None)
     b.region("tiles")
     b.preload(0, wait="LD")
     b.preload(4)
@@ -292,13 +316,13 @@ def _tiled_program() -> Program:
                  wait="LD" if k == 1 else None, signal="VX" if k == 3 else None)
         if k < 2:
             b.preload(16 + 4 * k)
-    b.vector(acc_addr=0, spad_addr=100, param_addr=200, n=16, wait="EX", signal="ST")
-    b.eltwise(a_addr=100, b_addr=100, dst=120, n_inner=16)
-    b.store(src=100, n_inner=16, row_bytes=4, dram_addr=2048, dram_stride_inner=4, wait="VX")
+    b.vector(acc_addr=0, spad_addr=200, param_addr=200, n=16, wait="EX", signal="ST")
+    b.eltwise(a_addr=200, b_addr=200, dst=220, n_inner=16)
+    b.store(src=200, n_inner=16, row_bytes=4, dram_addr=2048, dram_stride_inner=4, wait="VX")
     b.barrier()
     b.region("after")
     b.sync("LD")
-    b.store(src=120, n_inner=4, row_bytes=4, dram_addr=3072, dram_stride_inner=4)
+    b.store(src=220, n_inner=4, row_bytes=4, dram_addr=3072, dram_stride_inner=4)
     return b.build()
 
 
@@ -327,12 +351,21 @@ def test_engine_accounting_matches_cycle_oracle():
     assert sum(e["dur"] for e in held) == d.stalled
 
 
+def _gemm_example():
+    path = Path(__file__).resolve().parents[2] / "examples" / "gemm.py"
+    spec = importlib.util.spec_from_file_location("_gemm_example_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gemm_example_totals():
-    gemm = pytest.importorskip("examples.gemm")
+    """MACs, bytes and utilization of the tiled GEMM example against its shape."""
     ref = pytest.importorskip("npu.runtime.reference")
     m, k, n = 32, 48, 32
-    program, inputs, expected = gemm.build_gemm("npu16", m, k, n, seed=1)
+    program, inputs, expected = _gemm_example().build_gemm("npu16", m, k, n, seed=1)
     result = ref.run_reference(program, inputs)
+    np.testing.assert_array_equal(result.outputs()["C"], expected)
     prof = Profile.from_result(result)
     assert prof.macs == m * k * n
     assert prof.dram_read >= m * k + k * n

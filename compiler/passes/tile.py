@@ -1,0 +1,490 @@
+"""Tile: choose, for every NPU node, how its work is cut into tiles that fit SPAD and ACC.
+
+The unit of work is an *item*: one output tile (a rectangle of output pixels of one image) times
+one chunk of ``cols`` output channels (ACC rows = pixels, lanes = channels), possibly split over
+several *K groups* when the input block of all reduction chunks does not fit SPAD (partial sums
+then stay in ACC). Every choice is derived from :class:`npu.isa.NPUConfig` and the layer shape:
+
+* the output tile is as large as two ACC slots allow (double buffering: the vector unit drains
+  one while the array fills the other), balanced over the output rows;
+* a convolution reads a *block* of input rows per K group: ``mode="std"`` loads padded input
+  blocks and runs one shifted matmul per kernel offset (strides and dilation through MATMUL's
+  2-D strides); ``"rows"`` (1x1, no padding) loads the (sub-sampled) pixels directly; ``"packed"``
+  puts kernel-width offsets x channels into the reduction dimension for layers with few input
+  channels (a LOAD row reads ``kw*C`` neighbouring NHWC bytes from a physically padded input);
+* weights stay resident in SPAD when they fit beside double-buffered blocks, else they stream
+  per output chunk (double-buffered); the cheaper of the two by a small cost model of array,
+  DMA and per-item overhead cycles wins;
+* all-zero weight tiles (grouped/depthwise convolutions) are skipped, and consecutive identical
+  tiles (the identity tiles of average pooling) are preloaded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from npu.compiler.errors import CompileError
+from npu.compiler.ir import Graph, Node, geometry
+from npu.isa import NPUConfig
+
+__all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "tile", "conv_tiles",
+           "PACKED_MAX_C"]
+
+#: Packing kernel offsets into the reduction is considered for inputs with at most this many
+#: channels (e.g. the RGB first layer); it must also need fewer K tiles than the plain form.
+PACKED_MAX_C = 8
+_ITEM_OVERHEAD = 40   # cycles an item costs beyond its matmuls (pipeline bubbles, sync)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class ConvPlan:
+    """How a ``conv`` or ``avgpool`` node runs (see the module doc)."""
+
+    kind: str                       # "conv" | "dense" | "avgpool"
+    mode: str                       # "std" | "rows" | "packed"
+    n: int
+    h: int
+    w: int
+    c: int
+    oh: int
+    ow: int
+    cout: int
+    kh: int
+    kw: int
+    sy: int
+    sx: int
+    dy: int
+    dx: int
+    pads: tuple[int, int, int, int]
+    cj: int                         # reduction chunks per kernel offset (channels or bytes)
+    coc: int                        # output channel chunks
+    oh_t: int
+    ow_t: int
+    chunks_per_group: int           # reduction chunks per input block (K group)
+    resident: bool                  # all weights in SPAD for the whole layer
+    in_slots: int                   # input block buffers (1 or 2)
+    br: int                         # block rows
+    bc: int                         # block columns (std: padded cols; rows/packed: ow_t)
+    # Weight tiles, in emission order per (m, kg): list of (ktile, tile index) pairs, with
+    # `tiles[tile index]` an int8 [rows, cols] array (duplicates of the previous one dropped).
+    ktiles: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
+    seq: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
+    tiles: np.ndarray | None = field(default=None, repr=False)
+    params_resident: bool = True
+    est_cycles: int = 0
+    macs: int = 0
+
+    @property
+    def kgroups(self) -> int:
+        return _cdiv(self.cj, self.chunks_per_group)
+
+    @property
+    def n_spatial(self) -> int:
+        return self.n * _cdiv(self.oh, self.oh_t) * _cdiv(self.ow, self.ow_t)
+
+    @property
+    def block_rows(self) -> int:
+        return self.chunks_per_group * self.br * self.bc
+
+    def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
+        """(image, oy0, rows, ox0, cols) of every output tile, in order."""
+        out = []
+        for b in range(self.n):
+            for oy in range(0, self.oh, self.oh_t):
+                for ox in range(0, self.ow, self.ow_t):
+                    out.append((b, oy, min(self.oh_t, self.oh - oy), ox,
+                                min(self.ow_t, self.ow - ox)))
+        return out
+
+    def __str__(self) -> str:
+        w = "resident" if self.resident else "streamed"
+        return (f"{self.kind}/{self.mode} out {self.oh}x{self.ow}x{self.cout} tile "
+                f"{self.oh_t}x{self.ow_t} ({self.n_spatial} tiles) x {self.coc} chunks; K "
+                f"{len(self.ktiles)} tiles ({self.kh}x{self.kw}x{self.cj}) in {self.kgroups} "
+                f"group(s); block {self.br}x{self.bc}x{self.chunks_per_group} x{self.in_slots}; "
+                f"weights {w} ({0 if self.tiles is None else len(self.tiles)} tiles); "
+                f"est {self.est_cycles} cycles")
+
+
+@dataclass
+class PoolPlan:
+    """A ``maxpool`` node: ELTWISE MAX over window offsets, per (output tile, channel chunk)."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    sy: int
+    sx: int
+    dy: int
+    dx: int
+    pads: tuple[int, int, int, int]
+    cj: int
+    oh_t: int
+    ow_t: int
+    br: int
+    bc: int
+
+    def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
+        out = []
+        for b in range(self.n):
+            for oy in range(0, self.oh, self.oh_t):
+                for ox in range(0, self.ow, self.ow_t):
+                    out.append((b, oy, min(self.oh_t, self.oh - oy), ox,
+                                min(self.ow_t, self.ow - ox)))
+        return out
+
+    def __str__(self) -> str:
+        return (f"maxpool {self.kh}x{self.kw}/{self.sy} out {self.oh}x{self.ow}x{self.c} tile "
+                f"{self.oh_t}x{self.ow_t} x {self.cj} chunks; block {self.br}x{self.bc}")
+
+
+@dataclass
+class EltPlan:
+    """``add``/``clamp``/``copy``: output tiles x channel chunks through the vector unit."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    cj: int
+    oh_t: int
+    ow_t: int
+
+    def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
+        out = []
+        for b in range(self.n):
+            for oy in range(0, self.h, self.oh_t):
+                for ox in range(0, self.w, self.ow_t):
+                    out.append((b, oy, min(self.oh_t, self.h - oy), ox,
+                                min(self.ow_t, self.w - ox)))
+        return out
+
+    def __str__(self) -> str:
+        return (f"eltwise {self.n}x{self.h}x{self.w}x{self.c} tile {self.oh_t}x{self.ow_t} x "
+                f"{self.cj} chunks")
+
+
+@dataclass
+class GatherPlan:
+    """``gather``: blocks of at most ``gather_max`` indices x column chunks of the table."""
+
+    rows: int
+    width: int
+    cj: int
+    block: int
+
+    def __str__(self) -> str:
+        return f"gather {self.rows} rows x {self.width} B in blocks of {self.block}"
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------
+
+def _dense_weights(node: Node, cin: int) -> np.ndarray:
+    """[Cout, Cin, KH, KW] int8 weights with groups expanded to a block-diagonal matrix."""
+    w = node.attrs["weight"]
+    g = int(node.attrs.get("group", 1))
+    if g == 1:
+        return w
+    cout, cig = w.shape[0], w.shape[1]
+    cog = cout // g
+    if cig * g != cin or cog * g != cout:
+        raise CompileError(f"group={g} does not divide channels {cin}->{cout}", node.name,
+                           node.onnx_op)
+    dense = np.zeros((cout, cin) + w.shape[2:], dtype=np.int8)
+    for gi in range(g):
+        dense[gi * cog:(gi + 1) * cog, gi * cig:(gi + 1) * cig] = w[gi * cog:(gi + 1) * cog]
+    return dense
+
+
+def conv_tiles(plan: ConvPlan, node: Node, rows: int) -> np.ndarray:
+    """All weight tiles [coc, n_ktiles, rows(lanes), cols(outputs)] in ktile order."""
+    r = rows
+    if plan.kind == "avgpool":
+        nk = len(plan.ktiles)
+        tiles = np.zeros((plan.coc, nk, r, r), dtype=np.int8)
+        eye = np.eye(r, dtype=np.int8)
+        for m in range(plan.coc):
+            width = min(r, plan.c - m * r)
+            ident = np.zeros((r, r), dtype=np.int8)
+            ident[:width, :width] = eye[:width, :width]
+            for k, (_, _, j) in enumerate(plan.ktiles):
+                if j == m:
+                    tiles[m, k] = ident
+        return tiles
+    w = _dense_weights(node, plan.c)                 # [Cout, Cin, KH, KW]
+    cout = w.shape[0]
+    if plan.mode == "packed":
+        kwc = plan.kw * plan.c
+        # lane b of a kernel row = byte b of kw*C neighbouring NHWC bytes: (kx, c) = divmod
+        wk = w.transpose(0, 2, 3, 1).reshape(cout, plan.kh, kwc)  # [Cout, KH, KW*C]
+        wp = np.zeros((plan.coc * r, plan.kh, plan.cj * r), dtype=np.int8)
+        wp[:cout, :, :kwc] = wk
+        t = wp.reshape(plan.coc, r, plan.kh, plan.cj, r).transpose(0, 3, 2, 4, 1)
+        return np.ascontiguousarray(t).reshape(plan.coc, plan.cj * plan.kh, r, r)
+    wp = np.zeros((plan.coc * r, plan.cj * r, plan.kh, plan.kw), dtype=np.int8)
+    wp[:cout, :w.shape[1]] = w
+    # [m, co, j, ci, ky, kx] -> [m, j, ky, kx, ci, co]: ktile order j, ky, kx
+    t = wp.reshape(plan.coc, r, plan.cj, r, plan.kh, plan.kw).transpose(0, 2, 4, 5, 3, 1)
+    return np.ascontiguousarray(t).reshape(plan.coc, plan.cj * plan.kh * plan.kw, r, r)
+
+
+def _ktiles(plan: ConvPlan) -> list[tuple[int, int, int]]:
+    if plan.mode == "packed":
+        return [(ky, 0, j) for j in range(plan.cj) for ky in range(plan.kh)]
+    return [(ky, kx, j) for j in range(plan.cj) for ky in range(plan.kh) for kx in range(plan.kw)]
+
+
+def _sequences(plan: ConvPlan, all_tiles: np.ndarray) -> None:
+    """Fill plan.seq/tiles: nonzero tiles per (m, kg), consecutive duplicates dropped."""
+    nk = len(plan.ktiles)
+    nonzero = all_tiles.reshape(plan.coc, nk, -1).any(axis=2)
+    group_of = np.array([j // plan.chunks_per_group for (_, _, j) in plan.ktiles])
+    kept: list[np.ndarray] = []
+    seq: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    prev: np.ndarray | None = None
+    for m in range(plan.coc):
+        ks = np.flatnonzero(nonzero[m])
+        if len(ks) == 0:
+            ks = np.array([0])          # an all-zero chunk still has to write its ACC rows
+        for kg in range(plan.kgroups):
+            sel = ks[group_of[ks] == kg]
+            if len(sel) == 0:
+                continue
+            lst = []
+            for k in sel:
+                t = all_tiles[m, k]
+                if prev is not None and np.array_equal(t, prev):
+                    lst.append((int(k), -1))     # -1: reuse the active weight bank
+                    continue
+                kept.append(t)
+                lst.append((int(k), len(kept) - 1))
+                prev = t
+            seq[(m, kg)] = lst
+    plan.seq = seq
+    plan.tiles = np.stack(kept) if kept else np.zeros((0,) + all_tiles.shape[2:], np.int8)
+
+
+def _block_dims(mode: str, oh_t: int, ow_t: int, p: dict[str, int]) -> tuple[int, int]:
+    if mode == "rows":
+        return oh_t, ow_t
+    br = (oh_t - 1) * p["sy"] + (p["kh"] - 1) * p["dy"] + 1
+    if mode == "packed":
+        return br, ow_t
+    return br, (ow_t - 1) * p["sx"] + (p["kw"] - 1) * p["dx"] + 1
+
+
+def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
+              extra_operands: int) -> ConvPlan:
+    """Choose mode, tile, K groups and weight residency of a conv/dense/avgpool node."""
+    x = graph.tensors[node.inputs[0]]
+    y = graph.tensors[node.outputs[0]]
+    n, h, w, c = geometry(x)
+    _, oh, ow, cout = geometry(y)
+    r = cfg.rows
+    a = node.attrs
+    kh, kw = a["kernel"]
+    sy, sx = a["strides"]
+    dy, dx = a["dilations"]
+    pads = tuple(a["pads"])
+    kind = "avgpool" if node.op == "avgpool" else a.get("kind", "conv")
+    p = dict(kh=kh, kw=kw, sy=sy, sx=sx, dy=dy, dx=dx)
+    coc = _cdiv(cout, r)
+    modes = []
+    if kh == kw == 1 and pads == (0, 0, 0, 0):
+        modes.append(("rows", _cdiv(c, r)))
+    else:
+        modes.append(("std", _cdiv(c, r)))
+        if kind == "conv" and c <= PACKED_MAX_C and dx == 1 and int(a.get("group", 1)) == 1:
+            pj = _cdiv(kw * c, r)
+            if pj * kh < _cdiv(c, r) * kh * kw:
+                modes.insert(0, ("packed", pj))
+    mode, cj = modes[0]
+    macs = n * oh * ow * cout * kh * kw * (c // int(a.get("group", 1)))
+    if kind == "avgpool":
+        macs = 0
+    acc_total = cfg.acc_rows
+    best: ConvPlan | None = None
+    for n_sp in _row_splits(oh):
+        oh_t = _cdiv(oh, n_sp)
+        for ow_t in _col_tiles(ow, (acc_total - 6) // 2 // max(oh_t, 1)):
+            mt = oh_t * ow_t
+            params_res = 2 * mt + 3 * coc <= acc_total
+            if 2 * mt + 6 > acc_total or mt < 1:
+                continue
+            br, bc = _block_dims(mode, oh_t, ow_t, p)
+            if br > 4095 or bc > 65535:
+                continue
+            kper = kh if mode == "packed" else kh * kw   # K tiles per reduction chunk
+            for g in _group_sizes(cj):
+                ngroups = _cdiv(cj, g)
+                block = g * br * bc
+                n_sp_tiles = n * _cdiv(oh, oh_t) * _cdiv(ow, ow_t)
+                single = n_sp_tiles == 1 and ngroups == 1
+                in_slots = 1 if single else 2
+                w_rows_total = coc * cj * kper * r      # upper bound (zero tiles not known yet)
+                w_rows_item = g * kper * r
+                fixed = 2 * mt * (1 + extra_operands)
+                for resident in (True, False):
+                    wr = w_rows_total if resident else 2 * w_rows_item
+                    need = in_slots * block + wr + fixed
+                    if need > spad_budget:
+                        continue
+                    est = _estimate(cfg, n_sp_tiles, coc, ngroups, cj * kper, mt, block,
+                                    w_rows_total, resident, x_bytes=n * h * w * c)
+                    if best is None or est < best.est_cycles:
+                        best = ConvPlan(kind, mode, n, h, w, c, oh, ow, cout, kh, kw, sy, sx,
+                                        dy, dx, pads, cj, coc, oh_t, ow_t, g, resident,
+                                        in_slots, br, bc, params_resident=params_res,
+                                        est_cycles=est, macs=macs)
+    if best is None:
+        raise CompileError(f"no tiling fits SPAD ({cfg.spad_rows} rows) and ACC "
+                           f"({cfg.acc_rows} rows) of {cfg.name}", node.name, node.onnx_op)
+    best.ktiles = _ktiles(best)
+    tiles = conv_tiles(best, node, r)
+    _sequences(best, tiles)
+    if best.resident and len(best.tiles) * r + best.in_slots * best.block_rows + \
+            2 * best.oh_t * best.ow_t * (1 + extra_operands) > spad_budget:
+        best.resident = False  # cannot happen (bound above), kept as a guard
+    return best
+
+
+def _row_splits(oh: int) -> list[int]:
+    """Numbers of row tiles worth trying: every distinct balanced split of ``oh`` rows."""
+    seen, out = set(), []
+    for k in range(1, oh + 1):
+        t = _cdiv(oh, k)
+        if t not in seen:
+            seen.add(t)
+            out.append(k)
+    return out
+
+
+def _col_tiles(ow: int, limit: int) -> list[int]:
+    """Column tile widths: the whole row when it fits, else balanced splits under ``limit``."""
+    if limit < 1:
+        return []
+    if ow <= limit:
+        return [ow]
+    k = _cdiv(ow, limit)
+    return [_cdiv(ow, k)]
+
+
+def _group_sizes(cj: int) -> list[int]:
+    seen, out = set(), []
+    for k in range(1, cj + 1):
+        g = _cdiv(cj, k)
+        if g not in seen:
+            seen.add(g)
+            out.append(g)
+        if len(out) >= 12:
+            break
+    return out
+
+
+def _estimate(cfg: NPUConfig, n_sp: int, coc: int, ngroups: int, nk: int, mt: int,
+              block: int, w_rows: int, resident: bool, x_bytes: int) -> int:
+    """Cycles: the slower of the array and the LD DMA, plus per-item overhead."""
+    pre = cfg.rows + 1                       # a PRELOAD per tile paces tiny matmuls
+    lead = cfg.rows + cfg.cols + cfg.rows    # a bank is free again this long after its matmul
+    per_tile = max(mt, pre, (lead + 1) // 2)
+    ex = n_sp * coc * nk * per_tile
+    beats = _cdiv(cfg.rows, cfg.dram_beat_bytes)
+    in_loads = n_sp * block * (ngroups if ngroups == 1 else ngroups * coc)
+    w_loads = w_rows * (1 if resident else n_sp)
+    ld = (in_loads + w_loads) * beats
+    items = n_sp * coc * ngroups
+    return int(max(ex, ld) + items * _ITEM_OVERHEAD + block * beats)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling and elementwise
+# --------------------------------------------------------------------------------------------
+
+def plan_maxpool(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> PoolPlan:
+    x = graph.tensors[node.inputs[0]]
+    y = graph.tensors[node.outputs[0]]
+    n, h, w, c = geometry(x)
+    _, oh, ow, _ = geometry(y)
+    a = node.attrs
+    kh, kw = a["kernel"]
+    sy, sx = a["strides"]
+    dy, dx = a["dilations"]
+    pads = tuple(a["pads"])
+    cj = _cdiv(c, cfg.rows)
+    limit = min(4095, max(1, spad_budget // 8))
+    best = None
+    for n_sp in _row_splits(oh):
+        oh_t = _cdiv(oh, n_sp)
+        for ow_t in _col_tiles(ow, min(4095, limit // max(oh_t, 1))):
+            br = (oh_t - 1) * sy + (kh - 1) * dy + 1
+            bc = (ow_t - 1) * sx + (kw - 1) * dx + 1
+            need = 2 * br * bc + 2 * oh_t * ow_t
+            if need <= spad_budget and oh_t <= 4095 and ow_t <= 4095:
+                best = PoolPlan(n, h, w, c, oh, ow, kh, kw, sy, sx, dy, dx, pads, cj, oh_t,
+                                ow_t, br, bc)
+                break
+        if best is not None:
+            break
+    if best is None:
+        raise CompileError(f"no MaxPool tiling fits SPAD of {cfg.name}", node.name, node.onnx_op)
+    return best
+
+
+def plan_eltwise(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> EltPlan:
+    y = graph.tensors[node.outputs[0]]
+    n, h, w, c = geometry(y)
+    operands = 2 if node.op == "add" else 1
+    limit = max(1, min(4095 * 4095, spad_budget // (2 * (operands + 1))))
+    ow_t = min(w, 4095, limit)
+    oh_t = max(1, min(h, 4095, limit // ow_t))
+    return EltPlan(n, h, w, c, _cdiv(c, cfg.rows), oh_t, ow_t)
+
+
+def plan_gather(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> GatherPlan:
+    table = graph.tensors[node.inputs[0]]
+    idx = graph.tensors[node.inputs[1]]
+    rows = max(1, idx.size)
+    width = table.shape[1]
+    block = max(1, min(cfg.gather_max, spad_budget // 4))
+    return GatherPlan(rows, width, _cdiv(width, cfg.rows), block)
+
+
+def _extra_operands(node: Node) -> int:
+    return sum(1 for s in node.attrs.get("epilogue", []) if s.other is not None)
+
+
+def tile(graph: Graph, config: NPUConfig) -> Graph:
+    """Attach a plan to every NPU node (``node.plan``); raises CompileError if none fits."""
+    budget = config.spad_rows
+    for node in graph.nodes:
+        if node.device != "npu":
+            continue
+        if node.op in ("conv", "avgpool"):
+            node.plan = plan_conv(node, graph, config, budget, _extra_operands(node))
+        elif node.op == "maxpool":
+            node.plan = plan_maxpool(node, graph, config, budget)
+        elif node.op in ("add", "clamp", "copy"):
+            node.plan = plan_eltwise(node, graph, config, budget)
+        elif node.op == "gather":
+            node.plan = plan_gather(node, graph, config, budget)
+    return graph
+
+
+def describe(plan: Any) -> str:
+    """One-line description of any plan."""
+    return str(plan)
+
