@@ -318,7 +318,7 @@ def test_eltwise_unassigned_function_is_illegal() -> None:
     """ELTWISE.func has 2 bits but only ADD and MAX exist: 2 and 3 must not decode."""
     import numpy as np
 
-    from npu.isa import PRESETS, Fault, Instr, ISAError, Opcode, encode, decode, static_faults
+    from npu.isa import PRESETS, Fault, Instr, ISAError, Opcode, decode, encode, static_faults
     good = Instr(Opcode.ELTWISE, fields=dict(func=1, n_inner=1, n_outer=1, dst=8))
     word = int.from_bytes(encode(good), "little")
     lsb = __import__("npu.isa", fromlist=["LAYOUTS"]).LAYOUTS[Opcode.ELTWISE]["func"].lsb
