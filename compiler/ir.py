@@ -124,6 +124,7 @@ class Tensor:
     layout: str = ""
     data: np.ndarray | None = None          # constants
     view_of: tuple[str, int] | None = None  # (base tensor, channel offset): a concat view
+    alias_of: str | None = None             # same bytes as this tensor (a reshape)
     place: Placement | None = None
 
     @property
@@ -142,6 +143,8 @@ class Tensor:
             s += f" {self.quant}"
         if self.view_of is not None:
             s += f" view({self.view_of[0]}, c+{self.view_of[1]})"
+        if self.alias_of is not None:
+            s += f" alias({self.alias_of})"
         if self.place is not None:
             s += f" {self.place}"
         return s
@@ -181,7 +184,8 @@ class Node:
         return s
 
 
-_HIDDEN_ATTRS = {"onnx_node", "weight", "bias", "mult", "shift", "table", "evaluator"}
+_HIDDEN_ATTRS = {"onnx_node", "weight", "bias", "mult", "shift", "table", "evaluator",
+                 "buffers", "consts"}
 
 
 def _short(v: Any) -> str:

@@ -16,8 +16,8 @@ from npu.isa import NPUConfig
 from npu.numerics import INT8_MAX, INT8_MIN
 
 __all__ = ["comb_signal", "CYCLE_BITS", "index_bits", "StartLayout", "start_signature",
-           "FaultLayout", "DelayLine", "Fifo", "round_shift", "clamp_int8", "wrap32", "spad_row", "acc_row",
-           "mem_signatures", "Walk"]
+           "FaultLayout", "DelayLine", "Fifo", "round_shift", "clamp_int8", "wrap32", "spad_row",
+           "acc_row", "mem_signatures", "Walk"]
 
 #: Width of cycle numbers (the cycle counter, completion cycles, unit-free cycles).
 CYCLE_BITS = 48

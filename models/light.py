@@ -218,8 +218,9 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
     calib = copy.deepcopy(model)
     graph = calib.graph
     users = _consumers(graph)
-    typed = copy.deepcopy(model)
-    typed.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in params.items())
+    typed = copy.deepcopy(model)  # parameters as typed inputs: shapes without the data
+    typed.graph.input.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape))
+                             for k, v in params.items())
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in onnx.shape_inference.infer_shapes(typed).graph.value_info}
     del typed

@@ -18,7 +18,7 @@ PLUGINS: tuple[str, ...] = (
     "npu.runtime.cli",      # run, profile (program files)
     "npu.compiler.cli",     # compile, profile of ONNX models
     "npu.hw.cli",           # rtl
-    "npu.verify_cli",       # verify, conformance
+    "npu.verify",           # verify, conformance (RTL vs runtime)
     "npu.models.cli",       # demo
 )
 

@@ -153,7 +153,8 @@ def _conflict(ri: Sets, wi: Sets, rj: Sets, wj: Sets) -> str | None:
 
 def find_races(program: Program, dram: np.ndarray | None = None) -> list[str]:
     """Pairs of instructions of different engines that touch the same memory (one writing)
-    without being ordered; an empty list means the program is race free.
+    without being ordered; an empty list means the program is race free (in order of the
+    later instruction, then the earlier).
 
     The order is derived from the machine, not from how the program was built: an engine
     starts and retires in program order; the k-th token an engine B takes from engine A
@@ -233,10 +234,13 @@ def find_races(program: Program, dram: np.ndarray | None = None) -> list[str]:
         if eng[j] is None:
             continue
         rj, wj = sets[j]
-        for i in range(j):
-            if eng[i] is None or eng[i] == eng[j]:
-                continue
-            if done[j] >> i & 1 or done[i] >> j & 1:
+        # Earlier instructions of other engines not known to retire before j starts.
+        cand = ((1 << j) - 1) & ~done[j] & ~prefix[by_engine[int(eng[j])][-1]]
+        while cand:
+            low = cand & -cand
+            cand ^= low
+            i = low.bit_length() - 1
+            if eng[i] is None or done[i] >> j & 1:
                 continue
             space = _conflict(*sets[i], rj, wj)
             if space:

@@ -204,20 +204,20 @@ def exec_matmul(f: np.ndarray, spad: np.ndarray, acc: np.ndarray, wbank: np.ndar
     integer of magnitude <= rows * 2**14 <= 2**24 when rows <= FLOAT32_EXACT_ROWS, so the
     product is exact; the accumulation into ACC is int32 with wrap-around like the hardware.
     ``xbuf``/``ybuf`` are float32 scratch of at least acc_rows rows. The copies run over flat
-    views so that LLVM vectorises them."""
+    slices indexed from 0, so that LLVM vectorises them (a computed index could be negative,
+    and numba's wrap-around of negative indices would keep the loops scalar)."""
     n_inner, n_outer = f[F_N_INNER], f[F_N_OUTER]
     n = n_inner * n_outer
     rows, cols = wbank.shape[1], wbank.shape[2]
     a0 = f[F_ACC_ADDR]
     accumulate = f[F_ACCUMULATE] != 0
-    acc_flat = acc.reshape(-1)
     if rows <= FLOAT32_EXACT_ROWS:
         x_flat = xbuf.reshape(-1)
         if f[F_SPAD_STRIDE_INNER] == 1 and (n_outer == 1 or f[F_SPAD_STRIDE_OUTER] == n_inner):
-            spad_flat = spad.reshape(-1)  # the input rows are one contiguous block
-            base = f[F_SPAD_ADDR] * rows
+            first = f[F_SPAD_ADDR] * rows  # the input rows are one contiguous block
+            src = spad.reshape(-1)[first:first + n * rows]
             for t in range(n * rows):
-                x_flat[t] = spad_flat[base + t]
+                x_flat[t] = src[t]
         else:
             k = 0
             for o in range(n_outer):
@@ -229,13 +229,13 @@ def exec_matmul(f: np.ndarray, spad: np.ndarray, acc: np.ndarray, wbank: np.ndar
                     k += 1
         np.dot(xbuf[:n], wbank_f[bank], ybuf[:n])
         y_flat = ybuf.reshape(-1)
-        base = a0 * cols
+        dst = acc.reshape(-1)[a0 * cols:(a0 + n) * cols]
         if accumulate:
             for t in range(n * cols):  # int32 + int32 stored into int32: wraps
-                acc_flat[base + t] = acc_flat[base + t] + np.int32(y_flat[t])
+                dst[t] = dst[t] + np.int32(y_flat[t])
         else:
             for t in range(n * cols):
-                acc_flat[base + t] = np.int32(y_flat[t])
+                dst[t] = np.int32(y_flat[t])
     else:  # taller arrays: exact int64 dot products, wrapped
         k = 0
         for o in range(n_outer):

@@ -74,8 +74,7 @@ _MAIN_UNIT = {Engine.LD: Unit.LD_DMA, Engine.EX: Unit.EX_ARRAY, Engine.VX: Unit.
 _ENGINE_NAMES = [e.name for e in Engine]
 _STALL_NAMES = [s.name for s in Stall]
 # Instruction columns kept by the profile; the names of the enums are stored in JSON.
-_ENUM_COLUMNS = {"opcode": None, "engine": None, "unit": [u.name for u in Unit],
-                 "stall_reason": _STALL_NAMES}
+_ENUM_COLUMNS = {"unit": [u.name for u in Unit], "stall_reason": _STALL_NAMES}
 _INT_COLUMNS = ("region", "dispatch", "ready", "start", "complete", "end", "busy",
                 "stall_cycles", "macs", "dram_read", "dram_write")
 
@@ -469,7 +468,7 @@ class Profile:
                 cols[key] = np.array(raw[key], dtype=np.int64)
         except KeyError as exc:
             raise ValueError(f"profile JSON: unknown name or missing column {exc}") from None
-        cols = {k: cols[k] for k in raw}  # keep the writer's column order
+        cols = {k: cols[k] for k in raw if k in cols}  # keep the writer's column order
         labels = list(data["region_labels"])
         region = cols["region"]
         starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]]) if len(region) else \
@@ -674,24 +673,29 @@ class Profile:
                 s = cols["start"][mine]
                 ms, me = _union(s, s + cols["busy"][mine])
                 share = np.diff(_covered(ms, me, edges)) / np.diff(edges)
-                ax.stairs(row + 0.4 - 0.8 * (filled + share), edges,
-                          baseline=row + 0.4 - 0.8 * filled, fill=True, color=colours[code],
-                          linewidth=0)
+                top, bottom = row + 0.4 - 0.8 * (filled + share), row + 0.4 - 0.8 * filled
+                ax.fill_between(edges, np.append(top, top[-1]), np.append(bottom, bottom[-1]),
+                                step="post", color=colours[code], linewidth=0)
                 filled += share
                 seen.add(code)
-        # Regions: a row of bars (overlapping regions on stacked lanes) plus light shading.
+        # Regions: a row of bars (overlapping regions on stacked lanes) plus light shading,
+        # drawn as one collection per tone (hundreds of regions stay fast).
         lanes = _region_lanes(self.regions)
         n_lanes = max(lanes, default=0) + 1
         height = 0.8 / n_lanes
-        for j, (r, lane) in enumerate(zip(self.regions, lanes)):
-            if r.start < 0 or r.span <= 0:
-                continue
-            tone = "tab:gray" if j % 2 else "silver"
-            ax.broken_barh([(r.start, r.span)], (-0.4 + lane * height, height),
-                           facecolors=tone, edgecolors="white", linewidth=0.5)
-            if len(self.regions) <= 500:
-                ax.axvspan(r.start, r.end, color=tone, alpha=0.07, linewidth=0, zorder=0)
-            if r.span >= self.cycles / 25:
+        for tone_index, tone in enumerate(("silver", "tab:gray")):
+            mine = [(r, lane) for j, (r, lane) in enumerate(zip(self.regions, lanes))
+                    if j % 2 == tone_index and r.start >= 0 and r.span > 0]
+            for lane in range(n_lanes):
+                bars = [(r.start, r.span) for r, ln in mine if ln == lane]
+                if bars:
+                    ax.broken_barh(bars, (-0.4 + lane * height, height), facecolors=tone,
+                                   edgecolors="white", linewidth=0.5)
+            if mine:
+                ax.broken_barh([(r.start, r.span) for r, _ in mine], (0.5, len(units)),
+                               facecolors=tone, alpha=0.07, linewidth=0, zorder=0)
+        for r, lane in zip(self.regions, lanes):
+            if r.start >= 0 and r.span >= self.cycles / 25:
                 ax.text(r.start + r.span / 2, -0.4 + (lane + 0.5) * height, r.label,
                         ha="center", va="center", fontsize=7, clip_on=True)
         labels = {Unit.EX_WEIGHTS: "EX weights", Unit.EX_ARRAY: "EX array"}

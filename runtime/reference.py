@@ -165,7 +165,7 @@ class _Machine:
         self.trace = Trace.empty(n)
         self.decoded: dict[int, Instr] = {}
         self.timings: dict[int, tuple[int, int, int]] = {}   # index -> (unit, busy, latency)
-        self.last_unsat: dict[int, list[Stall]] = {}          # head constraints still unmet
+        self.last_unsat: dict[int, list[Stall]] = {}   # head -> conditions unmet when last looked
         # Engines: queued (dispatched, not started) and in flight (started, not retired).
         self.queue: list[deque[int]] = [deque() for _ in _ENGINES]
         self.inflight: list[deque[int]] = [deque() for _ in _ENGINES]

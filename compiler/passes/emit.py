@@ -1,0 +1,659 @@
+"""Emit: lower every segment's nodes onto the ISA and build its program.
+
+Each NPU node becomes a list of work *items* (see :mod:`npu.compiler.passes.tile`), and every
+item has up to five parts, one per engine role:
+
+* ``ldw``: loads that do not depend on earlier layers (weights, VECTOR parameters),
+* ``lda``: loads of activations (input blocks with their padding fills, epilogue operands),
+* ``ex``: PRELOAD / MATMUL,
+* ``vx``: VECTOR requantization, ELTWISE epilogue steps, pooling,
+* ``st``: STORE of the finished tile.
+
+The parts are issued software-pipelined (``ldw``/``lda`` of item *i+1* before ``ex`` of item
+*i*; ``vx``/``st`` of item *i* right after its ``ex``); loads of a new layer's activations wait
+until the previous layer's last store is issued, since they read what it wrote. No instruction
+carries a token here: :class:`npu.compiler.stream.Stream` derives them from memory footprints.
+
+Convolution (``ConvPlan``): ``std`` blocks are padded input rows in SPAD, laid out
+``[chunk][row][col]``, padding filled with the input zero point; kernel offset (ky, kx) of
+chunk j is one MATMUL reading the block at ``ky*dy*cols + kx*dx`` with inner stride ``sx`` and
+outer stride ``sy*cols`` into the tile's ACC rows. ``rows`` blocks hold the (sub-sampled)
+pixels; ``packed`` blocks hold, per reduction chunk j, ``cols`` bytes starting at byte
+``16j`` of the ``kw*C``-byte window of each output pixel (read from a physically padded input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from npu.compiler.errors import CompileError
+from npu.compiler.ir import Graph, Node, Placement, Segment, Tensor, geometry
+from npu.compiler.passes.schedule import Buffers, avg_divisors
+from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan
+from npu.compiler.qmath import multipliers
+from npu.compiler.stream import Stream
+from npu.isa import EltFunc, NPUConfig
+from npu.numerics import INT8_MIN
+from npu.program import Binding, Program
+from npu.program import Segment as DramSegment
+
+__all__ = ["emit", "emit_segment", "node_constants"]
+
+_ELT_MAX_N = 4095     # ELTWISE n_inner / n_outer are 12-bit fields
+
+
+# --------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------
+
+def _conv_params(node: Node, plan: ConvPlan, graph: Graph, cfg: NPUConfig) -> np.ndarray:
+    """[rows, cols] int32 VECTOR parameter rows: per chunk / divisor: bias, mult, shift."""
+    r = cfg.cols
+    if plan.kind == "avgpool":
+        x = graph.tensors[node.inputs[0]]
+        y = graph.tensors[node.outputs[0]]
+        divs = np.unique(avg_divisors(plan, node.attrs.get("count_include_pad", 0)))
+        out = np.zeros((len(divs), 3, r), dtype=np.int64)
+        for i, d in enumerate(divs):
+            scale = np.float32(x.quant.scale) / (np.float32(y.quant.scale) * np.float32(d))
+            mult, shift = multipliers(np.array([scale], np.float32), node.name)
+            out[i, 0] = -plan.kh * plan.kw * x.quant.zero_point
+            out[i, 1] = mult[0]
+            out[i, 2] = shift[0]
+        return out.reshape(-1, r).astype(np.int32)
+    cout = plan.cout
+    rows = np.zeros((plan.coc, 3, r), dtype=np.int64)
+    for name, k in (("bias", 0), ("mult", 1), ("shift", 2)):
+        v = np.zeros(plan.coc * r, dtype=np.int64)
+        v[:cout] = node.attrs[name]
+        rows[:, k, :] = v.reshape(plan.coc, r)
+    return rows.reshape(-1, r).astype(np.int32)
+
+
+def node_constants(node: Node, graph: Graph, cfg: NPUConfig) -> dict[str, bytes]:
+    """The DRAM constants a node's program part reads, by key."""
+    plan = node.plan
+    if isinstance(plan, ConvPlan):
+        tiles = plan.tiles if plan.tiles is not None and len(plan.tiles) else \
+            np.zeros((1, cfg.rows, cfg.cols), np.int8)
+        return {"w": tiles.astype(np.int8).tobytes(),
+                "par": _conv_params(node, plan, graph, cfg).astype("<i4").tobytes()}
+    if isinstance(plan, GatherPlan):
+        out = {}
+        table = graph.tensors[node.inputs[0]]
+        if table.is_const:
+            out["table"] = np.ascontiguousarray(table.data, dtype=np.int8).tobytes()
+        idx = graph.tensors[node.inputs[1]]
+        if idx.is_const:
+            ids = np.asarray(idx.data).reshape(-1).astype(np.int64)
+            rows = table.shape[0]
+            ids = np.where(ids < 0, ids + rows, ids)
+            if ids.size and (ids.min() < 0 or ids.max() >= rows):
+                raise CompileError("Gather index out of range", node.name, node.onnx_op)
+            out["idx"] = ids.astype("<i4").tobytes()
+        return out
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# Addressing helpers
+# --------------------------------------------------------------------------------------------
+
+class _View:
+    """DRAM addressing of an NPU tensor: pixel (b, y, x) + channel byte offset."""
+
+    def __init__(self, t: Tensor) -> None:
+        if t.place is None:
+            raise CompileError(f"internal: tensor {t.name!r} has no DRAM placement")
+        self.t = t
+        self.p: Placement = t.place
+        self.n, self.h, self.w, self.c = geometry(t)
+        self.px = self.p.pixel_stride
+        self.row = self.p.row_stride(self.w)
+        self.img = self.p.image_stride(self.h, self.w)
+
+    def addr(self, b: int, y: int, x: int, ch: int = 0) -> int:
+        return self.p.addr + b * self.img + y * self.row + x * self.px + ch
+
+
+def _load_block(s: Stream, v: _View, cfg: NPUConfig, b: int, iy0: int, ix0: int, br: int,
+                bc: int, chunks: list[int], dst: int, fill: int) -> None:
+    """Input rows [iy0, iy0+br) x cols [ix0, ix0+bc) of chunks into SPAD [chunk][row][col],
+    positions outside the tensor filled with ``fill``."""
+    r = cfg.rows
+    cs = br * bc
+    nch = len(chunks)
+    r0, r1 = max(0, -iy0), min(br, v.h - iy0)
+    c0, c1 = max(0, -ix0), min(bc, v.w - ix0)
+    if r1 <= r0 or c1 <= c0:
+        _fill(s, dst, cs, nch, cs, fill)
+        return
+    for jj, j in enumerate(chunks):
+        s.load(dram_addr=v.addr(b, iy0 + r0, ix0 + c0, j * r), n_outer=r1 - r0,
+               dram_stride_outer=v.row, n_inner=c1 - c0, dram_stride_inner=v.px,
+               row_bytes=min(r, v.c - j * r), dst=dst + jj * cs + r0 * bc + c0,
+               dst_stride_outer=bc)
+    if r0 > 0:
+        _fill(s, dst, r0 * bc, nch, cs, fill)
+    if r1 < br:
+        _fill(s, dst + r1 * bc, (br - r1) * bc, nch, cs, fill)
+    for lo, hi in ((0, c0), (c1, bc)):
+        if hi <= lo:
+            continue
+        if r0 == 0 and r1 == br:
+            _fill(s, dst + lo, hi - lo, nch * br, bc, fill)
+        else:
+            for jj in range(nch):
+                _fill(s, dst + jj * cs + r0 * bc + lo, hi - lo, r1 - r0, bc, fill)
+
+
+def _fill(s: Stream, dst: int, n_inner: int, n_outer: int, stride: int, value: int) -> None:
+    if n_inner < 1 or n_outer < 1:
+        return
+    while n_inner > 65535:  # a contiguous run longer than a field holds (never in practice)
+        s.load(dst=dst, n_inner=65535, row_bytes=s.cfg.cols, fill=1, fill_value=value)
+        dst += 65535
+        n_inner -= 65535
+    s.load(dst=dst, n_inner=n_inner, n_outer=n_outer, dst_stride_outer=stride if n_outer > 1
+           else 0, row_bytes=s.cfg.cols, fill=1, fill_value=value)
+
+
+def _eltwise(s: Stream, step: Any, a: int, b: int, dst: int, n: int) -> None:
+    """One epilogue step over ``n`` contiguous rows (split to the 12-bit count fields)."""
+    done = 0
+    while done < n:
+        k = min(_ELT_MAX_N, n - done)
+        s.eltwise(func=int(EltFunc.ADD), a_addr=a + done, b_addr=b + done, dst=dst + done,
+                  n_inner=k, a_zero=step.a_zero, b_zero=step.b_zero, a_mult=step.a_mult,
+                  b_mult=step.b_mult, shift=step.shift, zero_point=step.zero_point,
+                  clamp_min=step.clamp_min, clamp_max=step.clamp_max)
+        done += k
+
+
+def _store_tile(s: Stream, v: _View, cfg: NPUConfig, src: int, b: int, oy0: int, th: int,
+                ox0: int, tw: int, m: int) -> None:
+    r = cfg.cols
+    s.store(src=src, n_inner=tw, n_outer=th, src_stride_outer=tw if th > 1 else 0,
+            row_bytes=min(r, v.c - m * r), dram_addr=v.addr(b, oy0, ox0, m * r),
+            dram_stride_inner=v.px, dram_stride_outer=v.row if th > 1 else 0)
+
+
+def _load_tile(s: Stream, v: _View, cfg: NPUConfig, dst: int, b: int, oy0: int, th: int,
+               ox0: int, tw: int, m: int) -> None:
+    r = cfg.rows
+    s.load(dram_addr=v.addr(b, oy0, ox0, m * r), n_inner=tw, dram_stride_inner=v.px,
+           n_outer=th, dram_stride_outer=v.row if th > 1 else 0, row_bytes=min(r, v.c - m * r),
+           dst=dst, dst_stride_outer=tw if th > 1 else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+class _Layer:
+    """One node's work items; each method emits one part of item ``i`` into the stream."""
+
+    n_items = 0
+    macs = 0
+
+    def ldw(self, i: int) -> None: ...
+    def lda(self, i: int) -> None: ...
+    def ex(self, i: int) -> None: ...
+    def vx(self, i: int) -> None: ...
+    def st(self, i: int) -> None: ...
+
+
+class _ConvLayer(_Layer):
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: ConvPlan = node.plan
+        plan = self.plan
+        self.macs = plan.macs
+        buf: Buffers = node.attrs["buffers"]
+        self.spad, self.acc = buf.spad, buf.acc
+        consts = node.attrs["consts"]
+        self.w_dram = consts["w"][0]
+        self.par_dram = consts["par"][0]
+        self.x = _View(graph.tensors[node.inputs[0]])
+        self.y = _View(graph.tensors[node.outputs[0]])
+        self.zx = graph.tensors[node.inputs[0]].quant.zero_point
+        self.steps = node.attrs.get("epilogue", [])
+        self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
+        self.zp = node.attrs["zero_point"] if plan.kind != "avgpool" else \
+            graph.tensors[node.outputs[0]].quant.zero_point
+        self.clamp = node.attrs.get("clamp", (-128, 127))
+        if plan.kind == "avgpool":
+            divs = avg_divisors(plan, node.attrs.get("count_include_pad", 0))
+            uniq = np.unique(divs)
+            self.div_index = np.searchsorted(uniq, divs)
+        tiles = plan.spatial_tiles()
+        self.items: list[dict[str, Any]] = []
+        blk_key, blk_loads, w_loads, sm_count = None, 0, 0, -1
+        for si, tile in enumerate(tiles):
+            for m in range(plan.coc):
+                groups = [kg for kg in range(plan.kgroups) if (m, kg) in plan.seq]
+                sm_count += 1
+                for gi, kg in enumerate(groups):
+                    key = (si, kg)
+                    load_block = key != blk_key
+                    if load_block:
+                        blk_key = key
+                        blk_loads += 1
+                    seq = plan.seq[(m, kg)]
+                    fresh = [t for _, t in seq if t >= 0]
+                    if fresh and not plan.resident:
+                        w_loads += 1
+                    self.items.append(dict(
+                        tile=tile, m=m, kg=kg, seq=seq, first=gi == 0,
+                        last=gi == len(groups) - 1, load_block=load_block,
+                        blk_slot=(blk_loads - 1) % plan.in_slots, sm=sm_count,
+                        w_slot=(w_loads - 1) % 2, fresh=fresh))
+        self.n_items = len(self.items)
+        self.w_slot_rows = (self.spad["w"][1] // 2) if not plan.resident else 0
+
+    # Block geometry of a tile ---------------------------------------------------------------
+    def _block(self, tile: tuple[int, ...]) -> tuple[int, int, int, int]:
+        p = self.plan
+        _, oy0, th, ox0, tw = tile
+        if p.mode == "rows":
+            return th, tw, oy0 * p.sy, ox0 * p.sx
+        br = (th - 1) * p.sy + (p.kh - 1) * p.dy + 1
+        if p.mode == "packed":
+            return br, tw, oy0 * p.sy - p.pads[0], ox0 * p.sx - p.pads[1]
+        bc = (tw - 1) * p.sx + (p.kw - 1) * p.dx + 1
+        return br, bc, oy0 * p.sy - p.pads[0], ox0 * p.sx - p.pads[1]
+
+    def _blk_base(self, it: dict[str, Any]) -> int:
+        return self.spad["in"][0] + it["blk_slot"] * self.plan.block_rows
+
+    def _chunks(self, kg: int) -> list[int]:
+        g = self.plan.chunks_per_group
+        return list(range(kg * g, min(self.plan.cj, (kg + 1) * g)))
+
+    def _acc(self, it: dict[str, Any]) -> int:
+        mt = self.plan.oh_t * self.plan.ow_t
+        return self.acc["acc"][0] + (it["sm"] % 2) * mt
+
+    def _out(self, it: dict[str, Any], base: str = "out") -> int:
+        mt = self.plan.oh_t * self.plan.ow_t
+        return self.spad[base][0] + (it["sm"] % 2) * mt
+
+    def _par(self, it: dict[str, Any]) -> int:
+        if self.plan.params_resident or self.plan.kind == "avgpool":
+            return self.acc["par"][0] + 3 * (it["m"] if self.plan.kind != "avgpool" else 0)
+        return self.acc["par"][0] + 3 * (it["sm"] % 2)
+
+    def _w_addr(self, it: dict[str, Any], t: int) -> int:
+        r = self.cfg.rows
+        if self.plan.resident:
+            return self.spad["w"][0] + t * r
+        return self.spad["w"][0] + it["w_slot"] * self.w_slot_rows + (t - it["fresh"][0]) * r
+
+    # Parts ------------------------------------------------------------------------------------
+    def ldw(self, i: int) -> None:
+        s, r, p = self.s, self.cfg.rows, self.plan
+        it = self.items[i]
+        acc_row_bytes = 4 * self.cfg.cols
+        if i == 0 and p.resident:
+            nt = len(p.tiles)
+            s.load(dram_addr=self.w_dram, n_inner=r, dram_stride_inner=r, n_outer=nt,
+                   dram_stride_outer=r * r, row_bytes=r, dst=self.spad["w"][0],
+                   dst_stride_outer=r if nt > 1 else 0)
+        if not p.resident and it["fresh"]:
+            t0, t1 = it["fresh"][0], it["fresh"][-1]
+            nt = t1 - t0 + 1
+            s.load(dram_addr=self.w_dram + t0 * r * r, n_inner=r, dram_stride_inner=r,
+                   n_outer=nt, dram_stride_outer=r * r, row_bytes=r,
+                   dst=self.spad["w"][0] + it["w_slot"] * self.w_slot_rows,
+                   dst_stride_outer=r if nt > 1 else 0)
+        if i == 0 and (p.params_resident or p.kind == "avgpool"):
+            rows = self.acc["par"][1]
+            s.load(dram_addr=self.par_dram, n_inner=rows, dram_stride_inner=acc_row_bytes,
+                   row_bytes=acc_row_bytes, dst=self.acc["par"][0], mem=1)
+        elif not (p.params_resident or p.kind == "avgpool") and it["first"]:
+            s.load(dram_addr=self.par_dram + 3 * it["m"] * acc_row_bytes, n_inner=3,
+                   dram_stride_inner=acc_row_bytes, row_bytes=acc_row_bytes,
+                   dst=self._par(it), mem=1)
+
+    def lda(self, i: int) -> None:
+        s, p = self.s, self.plan
+        it = self.items[i]
+        if it["load_block"]:
+            self._load_input(it)
+        if it["last"]:
+            b, oy0, th, ox0, tw = it["tile"]
+            for k, v in enumerate(self.ops):
+                _load_tile(s, v, self.cfg, self._out(it, f"op{k}"), b, oy0, th, ox0, tw,
+                           it["m"])
+        _ = p
+
+    def _load_input(self, it: dict[str, Any]) -> None:
+        s, p, r, v = self.s, self.plan, self.cfg.rows, self.x
+        b = it["tile"][0]
+        br, bc, iy0, ix0 = self._block(it["tile"])
+        chunks = self._chunks(it["kg"])
+        base = self._blk_base(it)
+        if p.mode == "std":
+            _load_block(s, v, self.cfg, b, iy0, ix0, br, bc, chunks, base, self.zx)
+        elif p.mode == "rows":
+            th, tw = br, bc
+            contiguous = p.sx == 1 and p.sy == 1 and tw == v.w and v.row == v.w * v.px
+            for jj, j in enumerate(chunks):
+                rb = min(r, v.c - j * r)
+                dst = base + jj * th * tw
+                if contiguous:
+                    s.load(dram_addr=v.addr(b, iy0, ix0, j * r), n_inner=th * tw,
+                           dram_stride_inner=v.px, row_bytes=rb, dst=dst)
+                else:
+                    s.load(dram_addr=v.addr(b, iy0, ix0, j * r), n_inner=tw,
+                           dram_stride_inner=p.sx * v.px, n_outer=th,
+                           dram_stride_outer=p.sy * v.row if th > 1 else 0, row_bytes=rb,
+                           dst=dst, dst_stride_outer=tw if th > 1 else 0)
+        else:  # packed: physically padded input, windows of kw*C bytes
+            kwc = p.kw * p.c
+            for jj, j in enumerate(chunks):
+                s.load(dram_addr=v.addr(b, iy0, ix0, j * r), n_inner=bc,
+                       dram_stride_inner=p.sx * v.px, n_outer=br,
+                       dram_stride_outer=v.row if br > 1 else 0,
+                       row_bytes=min(r, kwc - j * r), dst=base + jj * br * bc,
+                       dst_stride_outer=bc if br > 1 else 0)
+
+    def ex(self, i: int) -> None:
+        s, p = self.s, self.plan
+        it = self.items[i]
+        _, oy0, th, ox0, tw = it["tile"]
+        br, bc, _, _ = self._block(it["tile"])
+        base = self._blk_base(it)
+        acc = self._acc(it)
+        kg0 = it["kg"] * p.chunks_per_group
+        for n, (k, t) in enumerate(it["seq"]):
+            ky, kx, j = p.ktiles[k]
+            jj = j - kg0
+            if t >= 0:
+                s.preload(self._w_addr(it, t))
+            accumulate = 0 if (it["first"] and n == 0) else 1
+            if p.mode == "rows":
+                s.matmul(spad_addr=base + jj * th * tw, acc_addr=acc, n_inner=th * tw,
+                         accumulate=accumulate, swap=int(t >= 0))
+            elif p.mode == "packed":
+                s.matmul(spad_addr=base + jj * br * bc + ky * p.dy * bc, acc_addr=acc,
+                         n_inner=tw, n_outer=th, spad_stride_outer=p.sy * bc if th > 1 else 0,
+                         accumulate=accumulate, swap=int(t >= 0))
+            else:
+                s.matmul(spad_addr=base + jj * br * bc + ky * p.dy * bc + kx * p.dx,
+                         acc_addr=acc, n_inner=tw, spad_stride_inner=p.sx, n_outer=th,
+                         spad_stride_outer=p.sy * bc if th > 1 else 0, accumulate=accumulate,
+                         swap=int(t >= 0))
+
+    def vx(self, i: int) -> None:
+        it = self.items[i]
+        if not it["last"]:
+            return
+        s, p = self.s, self.plan
+        _, oy0, th, ox0, tw = it["tile"]
+        n = th * tw
+        acc, out = self._acc(it), self._out(it)
+        lo, hi = self.clamp
+        if p.kind == "avgpool":
+            idx = self.div_index[oy0:oy0 + th, ox0:ox0 + tw].reshape(-1)
+            start = 0
+            while start < n:
+                end = start
+                while end < n and idx[end] == idx[start]:
+                    end += 1
+                s.vector(acc_addr=acc + start, spad_addr=out + start,
+                         param_addr=self.acc["par"][0] + 3 * int(idx[start]), n=end - start,
+                         zero_point=self.zp, clamp_min=lo, clamp_max=hi)
+                start = end
+        else:
+            s.vector(acc_addr=acc, spad_addr=out, param_addr=self._par(it), n=n,
+                     zero_point=self.zp, clamp_min=lo, clamp_max=hi)
+        k = 0
+        for step in self.steps:
+            b = out
+            if step.other is not None:
+                b = self._out(it, f"op{k}")
+                k += 1
+            _eltwise(s, step, out, b, out, n)
+
+    def st(self, i: int) -> None:
+        it = self.items[i]
+        if not it["last"]:
+            return
+        b, oy0, th, ox0, tw = it["tile"]
+        _store_tile(self.s, self.y, self.cfg, self._out(it), b, oy0, th, ox0, tw, it["m"])
+
+
+class _MaxPoolLayer(_Layer):
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: PoolPlan = node.plan
+        buf: Buffers = node.attrs["buffers"]
+        self.spad = buf.spad
+        self.x = _View(graph.tensors[node.inputs[0]])
+        self.y = _View(graph.tensors[node.outputs[0]])
+        self.steps = node.attrs.get("epilogue", [])
+        self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
+        self.items = [(t, j) for t in self.plan.spatial_tiles() for j in range(self.plan.cj)]
+        self.n_items = len(self.items)
+
+    def _geom(self, i: int) -> tuple[int, int, int, int]:
+        p = self.plan
+        _, oy0, th, ox0, tw = self.items[i][0]
+        br = (th - 1) * p.sy + (p.kh - 1) * p.dy + 1
+        bc = (tw - 1) * p.sx + (p.kw - 1) * p.dx + 1
+        return br, bc, oy0 * p.sy - p.pads[0], ox0 * p.sx - p.pads[1]
+
+    def _slot(self, name: str, i: int, size: int) -> int:
+        return self.spad[name][0] + (i % 2) * size
+
+    def lda(self, i: int) -> None:
+        (b, oy0, th, ox0, tw), j = self.items[i]
+        br, bc, iy0, ix0 = self._geom(i)
+        p = self.plan
+        _load_block(self.s, self.x, self.cfg, b, iy0, ix0, br, bc, [j],
+                    self._slot("in", i, p.br * p.bc), INT8_MIN)
+        for k, v in enumerate(self.ops):
+            _load_tile(self.s, v, self.cfg, self._slot(f"op{k}", i, p.oh_t * p.ow_t), b, oy0,
+                       th, ox0, tw, j)
+
+    def vx(self, i: int) -> None:
+        s, p = self.s, self.plan
+        (_, _, th, _, tw), _ = self.items[i]
+        br, bc, _, _ = self._geom(i)
+        blk = self._slot("in", i, p.br * p.bc)
+        out = self._slot("out", i, p.oh_t * p.ow_t)
+        offs = [ky * p.dy * bc + kx * p.dx for ky in range(p.kh) for kx in range(p.kw)]
+        so = p.sy * bc if th > 1 else 0
+        first_b = offs[1] if len(offs) > 1 else offs[0]
+        s.eltwise(func=int(EltFunc.MAX), a_addr=blk + offs[0], b_addr=blk + first_b, dst=out,
+                  n_inner=tw, n_outer=th, a_stride_inner=p.sx, a_stride_outer=so,
+                  b_stride_inner=p.sx, b_stride_outer=so)
+        for off in offs[2:]:
+            s.eltwise(func=int(EltFunc.MAX), a_addr=out, b_addr=blk + off, dst=out, n_inner=tw,
+                      n_outer=th, a_stride_inner=1, a_stride_outer=tw if th > 1 else 0,
+                      b_stride_inner=p.sx, b_stride_outer=so)
+        k = 0
+        for step in self.steps:
+            b = out
+            if step.other is not None:
+                b = self._slot(f"op{k}", i, p.oh_t * p.ow_t)
+                k += 1
+            _eltwise(s, step, out, b, out, th * tw)
+
+    def st(self, i: int) -> None:
+        (b, oy0, th, ox0, tw), j = self.items[i]
+        p = self.plan
+        _store_tile(self.s, self.y, self.cfg, self._slot("out", i, p.oh_t * p.ow_t), b, oy0,
+                    th, ox0, tw, j)
+
+
+class _EltLayer(_Layer):
+    """add / clamp / copy: load operand tiles, run the steps, store."""
+
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: EltPlan = node.plan
+        self.spad = node.attrs["buffers"].spad
+        self.a = _View(graph.tensors[node.inputs[0]])
+        self.y = _View(graph.tensors[node.outputs[0]])
+        self.steps = node.attrs.get("epilogue", [])
+        self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
+        self.items = [(t, j) for t in self.plan.spatial_tiles() for j in range(self.plan.cj)]
+        self.n_items = len(self.items)
+        self.mt = self.plan.oh_t * self.plan.ow_t
+        # An identity copy needs no vector work: store straight from the loaded tile.
+        self.passthrough = not self.steps
+
+    def _slot(self, name: str, i: int) -> int:
+        return self.spad[name][0] + (i % 2) * self.mt
+
+    def _op_slot(self, k: int, i: int) -> int:
+        name = "b" if (self.node.op == "add" and k == 0) else \
+            f"op{k - (self.node.op == 'add')}"
+        return self._slot(name, i)
+
+    def lda(self, i: int) -> None:
+        (b, oy0, th, ox0, tw), j = self.items[i]
+        _load_tile(self.s, self.a, self.cfg, self._slot("a", i), b, oy0, th, ox0, tw, j)
+        for k, v in enumerate(self.ops):
+            _load_tile(self.s, v, self.cfg, self._op_slot(k, i), b, oy0, th, ox0, tw, j)
+
+    def vx(self, i: int) -> None:
+        if self.passthrough:
+            return
+        (_, _, th, _, tw), _ = self.items[i]
+        n = th * tw
+        src, out = self._slot("a", i), self._slot("out", i)
+        k = 0
+        for step in self.steps:
+            b = src
+            if step.other is not None:
+                b = self._op_slot(k, i)
+                k += 1
+            _eltwise(self.s, step, src, b, out, n)
+            src = out
+
+    def st(self, i: int) -> None:
+        (b, oy0, th, ox0, tw), j = self.items[i]
+        src = self._slot("a", i) if self.passthrough else self._slot("out", i)
+        _store_tile(self.s, self.y, self.cfg, src, b, oy0, th, ox0, tw, j)
+
+
+class _GatherLayer(_Layer):
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: GatherPlan = node.plan
+        self.spad = node.attrs["buffers"].spad
+        consts = node.attrs["consts"]
+        table = graph.tensors[node.inputs[0]]
+        idx = graph.tensors[node.inputs[1]]
+        self.table_addr = consts["table"][0] if "table" in consts else table.place.addr
+        self.table_bytes = int(np.prod(table.shape))
+        self.idx_addr = consts["idx"][0] if "idx" in consts else idx.place.addr
+        self.y = _View(graph.tensors[node.outputs[0]])
+        p = self.plan
+        self.items = [(i0, min(p.block, p.rows - i0), j) for i0 in range(0, p.rows, p.block)
+                      for j in range(p.cj)]
+        self.n_items = len(self.items)
+
+    def lda(self, i: int) -> None:
+        i0, nb, j = self.items[i]
+        r, p = self.cfg.rows, self.plan
+        self.s.gather(dram_addr=self.table_addr + j * r, index_addr=self.idx_addr + 4 * i0,
+                      row_stride=p.width, dst=self.spad["g"][0] + (i % 2) * p.block, n=nb,
+                      row_bytes=min(r, p.width - j * r), table_bytes=self.table_bytes)
+
+    def st(self, i: int) -> None:
+        i0, nb, j = self.items[i]
+        r, p = self.cfg.rows, self.plan
+        self.s.store(src=self.spad["g"][0] + (i % 2) * p.block, n_inner=nb,
+                     row_bytes=min(r, p.width - j * r), dram_addr=self.y.addr(0, 0, i0, j * r),
+                     dram_stride_inner=self.y.px)
+
+
+_LAYERS: dict[str, Callable[..., _Layer]] = {
+    "conv": _ConvLayer, "avgpool": _ConvLayer, "maxpool": _MaxPoolLayer, "add": _EltLayer,
+    "clamp": _EltLayer, "copy": _EltLayer, "gather": _GatherLayer,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Segments
+# --------------------------------------------------------------------------------------------
+
+def _binding(t: Tensor) -> Binding:
+    n, h, w, c = geometry(t)
+    p = t.place
+    pad = p.pad if p is not None else (0, 0, 0, 0)
+    if t.layout == "NHWC" or any(pad):
+        shape: tuple[int, ...] = (n, h + pad[0] + pad[2], w + pad[1] + pad[3], c)
+        layout = "NHWC" if t.layout == "NHWC" else "rows"
+    else:
+        shape = tuple(t.shape) if t.shape else (1,)
+        layout = t.layout or "rows"
+    addr = p.addr - (pad[0] * p.row_stride(w) + pad[1] * p.pixel_stride) if p else 0
+    q = t.quant
+    dtype = "int32" if t.dtype in ("int64", "int32") else "int8"
+    return Binding(t.name, addr, shape, dtype, layout, q.scale if q else 1.0,
+                   q.zero_point if q else 0)
+
+
+def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = None) -> Program:
+    """Build the program of one segment."""
+    dram_bytes = int(seg.stats["dram_bytes"])
+    s = Stream(cfg, dram_bytes)
+    layers: list[tuple[Node, _Layer]] = []
+    for name in seg.nodes:
+        node = graph.node(name)
+        maker = _LAYERS.get(node.op)
+        if maker is None:
+            continue  # concat / reshape: nothing to run (views and aliases)
+        layer = maker(node, graph, cfg, s)
+        if layer.n_items:
+            layers.append((node, layer))
+    items = [(li, i) for li, (_, layer) in enumerate(layers) for i in range(layer.n_items)]
+    if items:
+        node0, l0 = layers[0]
+        s.region(node0.name)
+        l0.ldw(0)
+        l0.lda(0)
+    for k, (li, i) in enumerate(items):
+        node, layer = layers[li]
+        nxt = items[k + 1] if k + 1 < len(items) else None
+        if nxt is not None:
+            layers[nxt[0]][1].ldw(nxt[1])
+            if nxt[0] == li:
+                layer_n = layers[nxt[0]][1]
+                layer_n.lda(nxt[1])
+        layer.ex(i)
+        layer.vx(i)
+        layer.st(i)
+        if nxt is not None and nxt[0] != li:
+            s.region(layers[nxt[0]][0].name)
+            layers[nxt[0]][1].lda(nxt[1])
+        if progress is not None and i == layer.n_items - 1:
+            progress.update(1)
+    s.halt()
+    stats = s.assign_tokens()
+    words = s.encode()
+    segments = [DramSegment(key, addr, data) for key, (addr, data) in
+                seg.stats["consts"].items() if data]
+    inputs = [_binding(graph.tensors[t]) for t in seg.inputs]
+    outputs = [_binding(graph.tensors[t]) for t in seg.outputs]
+    layers_meta = [{"name": node.name, "op": node.op, "onnx": node.onnx_op,
+                    "macs": int(layer.macs)} for node, layer in layers]
+    meta = {"name": f"{graph.name}/segment{seg.index}", "segment": seg.index,
+            "layers": layers_meta, "tokens": stats, "instructions": s.engine_counts()}
+    seg.stats.update(instructions=len(s), waits=stats["waits"])
+    return Program(cfg, words, dram_bytes, segments, inputs, outputs, list(s.regions), meta)
+
+
+def emit(graph: Graph, config: NPUConfig, progress: Any = None) -> Graph:
+    """Build every segment's program (``Segment.program``)."""
+    for seg in graph.segments:
+        seg.program = emit_segment(graph, seg, config, progress)
+    return graph
