@@ -41,7 +41,8 @@ __all__ = ["CompiledModel", "compile_model", "PASSES"]
 PASSES: list[tuple[str, Callable[[Graph, NPUConfig, dict[str, Any]], Graph]]] = [
     ("fuse", lambda g, c, o: fuse.fuse(g)),
     ("layout", lambda g, c, o: layout.layout(g)),
-    ("partition", lambda g, c, o: partition.partition(g, strict=o.get("strict", False))),
+    ("partition", lambda g, c, o: partition.partition(g, strict=o.get("strict", False),
+                                                     observe=o.get("observe", ()))),
     ("tile", lambda g, c, o: tile.tile(g, c)),
     ("schedule", lambda g, c, o: schedule.schedule(g, c)),
     ("allocate", lambda g, c, o: allocate.allocate(g, c)),
@@ -113,11 +114,12 @@ def _report_nodes(g: Graph) -> list[Any]:
 def compile_model(model: ModelSource, config: str | NPUConfig = "npu16",
                   calibration: Calibration | None = None, *, strict: bool = False,
                   batch: int | None = None, dump: Callable[[str, str], None] | None = None,
-                  progress: bool = False) -> CompiledModel:
+                  progress: bool = False, observe: Any = ()) -> CompiledModel:
     """Compile an ONNX model (float + calibration, or QDQ) for ``config``.
 
     ``dump(pass_name, text)`` is called with the IR after every IR pass (``--dump-ir``);
-    ``progress`` shows a progress bar over the emitted layers.
+    ``progress`` shows a progress bar over the emitted layers; ``observe`` names intermediate
+    tensors (or ``"all"``) the programs also store, for debugging.
     """
     cfg = get_config(config)
     timings: dict[str, float] = {}
@@ -138,7 +140,7 @@ def compile_model(model: ModelSource, config: str | NPUConfig = "npu16",
     timings["legalize"] = time.perf_counter() - t0
     if dump is not None:
         dump("legalize", dump_text(graph, "after legalize"))
-    options: dict[str, Any] = {"strict": strict}
+    options: dict[str, Any] = {"strict": strict, "observe": observe}
     bar = None
     for name, fn in PASSES:
         if name == "emit" and progress:

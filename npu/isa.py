@@ -386,6 +386,17 @@ LAYOUTS: dict[Opcode, dict[str, Field]] = {
     op: _lay_out(_HEADER + body) for op, body in _BODIES.items()
 }
 
+_HEADER_NAMES = ("opcode", "wait", "signal")
+_OPCODES: dict[int, Opcode] = {int(op): op for op in Opcode}
+_ZERO_FIELDS: dict[Opcode, dict[str, int]] = {
+    op: {k: 0 for k in layout if k not in _HEADER_NAMES} for op, layout in LAYOUTS.items()}
+_RANGES: dict[Opcode, list[tuple[str, int, int, Field]]] = {
+    op: [(k, f.lo, f.hi, f) for k, f in layout.items() if k != "opcode"]
+    for op, layout in LAYOUTS.items()}
+_PACK: dict[Opcode, list[tuple[str, int, int]]] = {
+    op: [(k, (1 << f.width) - 1, f.lsb) for k, f in layout.items() if k not in _HEADER_NAMES]
+    for op, layout in LAYOUTS.items()}
+
 OPCODE_ENGINE: dict[Opcode, Engine | None] = {
     Opcode.LOAD: Engine.LD, Opcode.GATHER: Engine.LD,
     Opcode.PRELOAD: Engine.EX, Opcode.MATMUL: Engine.EX,
@@ -414,28 +425,33 @@ class Instr:
     fields: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        try:
-            op = Opcode(self.opcode)
-        except ValueError:
-            raise ISAError(f"illegal opcode {self.opcode!r}") from None
+        # Hot path of every emitter (the compiler makes 10^5-10^6 of these): precomputed
+        # per-opcode tables, one pass over the given fields, one over the ranges.
+        op = _OPCODES.get(self.opcode) if not isinstance(self.opcode, bool) else None
+        if op is None:
+            raise ISAError(f"illegal opcode {self.opcode!r}")
         object.__setattr__(self, "opcode", op)
-        layout = LAYOUTS[op]
-        unknown = sorted(set(self.fields) - set(layout))
-        if unknown:
-            raise ISAError(f"{op.name} has no field(s) {unknown}; fields are "
-                           f"{[k for k in layout if k not in ('opcode', 'wait', 'signal')]}")
-        full = {k: 0 for k in layout if k not in ("opcode", "wait", "signal")}
+        full = dict(_ZERO_FIELDS[op])
         for key, value in self.fields.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ISAError(f"{op.name}.{key} must be an integer, got {value!r}")
-            full[key] = int(value)
+            if key not in full:
+                layout = LAYOUTS[op]
+                raise ISAError(f"{op.name} has no field(s) {sorted(set(self.fields) - set(full))}"
+                               f"; fields are {[k for k in layout if k not in _HEADER_NAMES]}")
+            if type(value) is not int:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ISAError(f"{op.name}.{key} must be an integer, got {value!r}")
+                value = int(value)
+            full[key] = value
         object.__setattr__(self, "fields", full)
-        values = {"opcode": int(op), "wait": self.wait, "signal": self.signal, **full}
-        for key, f in layout.items():
-            v = values[key]
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise ISAError(f"{op.name}.{key} must be an integer, got {v!r}")
-            if not f.lo <= v <= f.hi:
+        for key in ("wait", "signal"):
+            v = getattr(self, key)
+            if type(v) is not int:
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                    raise ISAError(f"{op.name}.{key} must be an integer, got {v!r}")
+                object.__setattr__(self, key, int(v))
+        for key, lo, hi, f in _RANGES[op]:
+            v = full[key] if key in full else getattr(self, key)
+            if v < lo or v > hi:
                 raise ISAError(f"{op.name}.{key}={v} out of range [{f.lo}, {f.hi}] "
                                f"({f.width}-bit {'signed' if f.signed else 'unsigned'})")
         engine = self.engine
@@ -469,13 +485,15 @@ def _to_words(value: int) -> list[int]:
 
 def encode(instr: Instr) -> bytes:
     """Encode one instruction into 32 little-endian bytes."""
-    layout = LAYOUTS[instr.opcode]
-    values = {"opcode": int(instr.opcode), "wait": instr.wait, "signal": instr.signal,
-              **instr.fields}
-    word = 0
-    for key, f in layout.items():
-        word |= (values[key] & ((1 << f.width) - 1)) << f.lsb
-    return word.to_bytes(INSTR_BYTES, "little")
+    return _encode_int(instr).to_bytes(INSTR_BYTES, "little")
+
+
+def _encode_int(instr: Instr) -> int:
+    word = int(instr.opcode) | (instr.wait << 4) | (instr.signal << 8)  # header, see _HEADER
+    fields = instr.fields
+    for key, mask, lsb in _PACK[instr.opcode]:
+        word |= (fields[key] & mask) << lsb
+    return word
 
 
 def decode(data: bytes) -> Instr:
@@ -510,7 +528,7 @@ def decode(data: bytes) -> Instr:
 
 def encode_words(instrs: list[Instr]) -> np.ndarray:
     """Encode a program into an (N, 4) uint64 array (the in-memory and file representation)."""
-    buf = b"".join(encode(i) for i in instrs)
+    buf = b"".join(_encode_int(i).to_bytes(INSTR_BYTES, "little") for i in instrs)
     return np.frombuffer(buf, dtype="<u8").reshape(-1, INSTR_WORDS).astype(np.uint64)
 
 

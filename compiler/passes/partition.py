@@ -12,6 +12,8 @@ DequantizeLinear of graph outputs (converting the model's float I/O is always th
 
 from __future__ import annotations
 
+from typing import Any
+
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, Segment
 
@@ -29,8 +31,12 @@ def is_border_conversion(node: Node, graph: Graph) -> bool:
     return False
 
 
-def partition(graph: Graph, strict: bool = False) -> Graph:
-    """Assign ``Node.segment`` and build ``graph.segments``."""
+def partition(graph: Graph, strict: bool = False, observe: Any = ()) -> Graph:
+    """Assign ``Node.segment`` and build ``graph.segments``.
+
+    ``observe`` names extra tensors (or ``"all"``) every segment also stores as outputs, so a
+    session can compare intermediate int8 values (debugging, tests).
+    """
     if strict:
         bad = [n for n in graph.nodes if n.device == "host" and
                not is_border_conversion(n, graph)]
@@ -61,11 +67,11 @@ def partition(graph: Graph, strict: bool = False) -> Graph:
             segs.setdefault(node.segment, []).append(node)
     if sorted(segs) != list(range(len(segs))):
         raise CompileError(f"internal: segment levels {sorted(segs)} are not contiguous")
-    graph.segments = [_segment(graph, k, segs[k]) for k in range(len(segs))]
+    graph.segments = [_segment(graph, k, segs[k], observe) for k in range(len(segs))]
     return graph
 
 
-def _segment(graph: Graph, idx: int, nodes: list[Node]) -> Segment:
+def _segment(graph: Graph, idx: int, nodes: list[Node], observe: Any) -> Segment:
     names = {n.name for n in nodes}
     produced: set[str] = set()
     for n in nodes:
@@ -87,6 +93,10 @@ def _segment(graph: Graph, idx: int, nodes: list[Node]) -> Segment:
                 outputs.append(t)
     for t in graph.outputs:
         if t in produced and t not in outputs:
+            outputs.append(t)
+    for t in sorted(produced):
+        if (observe == "all" or t in observe) and t not in outputs and \
+                graph.tensors[t].alias_of is None:
             outputs.append(t)
     # A concat view is written in place: the segment stores its base.
     outputs = [_base(graph, t) for t in outputs]
