@@ -91,9 +91,15 @@ class DelayLine(wiring.Component):
             m.submodules.ring = ring = memory.Memory(shape=width, depth=self._delay, init=[])
             wr, rd = ring.write_port(), ring.read_port()
             wp = Signal(range(self._delay))
+            # The ring's contents are undefined after reset (an SRAM): output zero until it has
+            # been written all round once.
+            primed = Signal()
             m.d.sync += wp.eq(Mux(wp == self._delay - 1, 0, wp + 1))
+            with m.If(wp == self._delay - 1):
+                m.d.sync += primed.eq(1)
             m.d.comb += [wr.addr.eq(wp), wr.data.eq(i_raw), wr.en.eq(1),
-                         rd.addr.eq(Mux(wp == self._delay - 1, 0, wp + 1)), o_raw.eq(rd.data)]
+                         rd.addr.eq(Mux(wp == self._delay - 1, 0, wp + 1)),
+                         o_raw.eq(Mux(primed, rd.data, 0))]
         return m
 
 
@@ -153,7 +159,8 @@ def round_shift(m: Module, x: Value, shift: Value) -> Value:
     r = comb_signal(m, (x - (q << shift)).as_unsigned()[:len(x)])   # in [0, 2**shift)
     half = comb_signal(m, (Value.cast(1) << (shift - 1)[:len(shift)])[:len(x)])
     up = (shift != 0) & ((r > half) | ((r == half) & q[0]))  # half: garbage when shift == 0
-    return comb_signal(m, q + up)
+    # shift >= len(x): r and half no longer fit len(x) bits, and |x| < 2**(shift-1) rounds to 0.
+    return comb_signal(m, Mux(shift >= len(x), 0, q + up))
 
 
 def clamp_int8(m: Module, y: Value, lo: Value, hi: Value) -> Value:

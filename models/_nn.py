@@ -6,7 +6,32 @@ gives the same weights up to BLAS summation order.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
+
+F = TypeVar("F", bound=Callable)
+
+
+def single_threaded(fn: F) -> F:
+    """Run ``fn`` with one BLAS thread: training multiplies small matrices, where two threads
+    fighting over a shared 2-core machine are many times slower than one."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        except ImportError:  # pragma: no cover - scikit-learn is a dependency
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = threadpool_limits(1)
+        with ctx:
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Adam:

@@ -72,18 +72,28 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def sparse_const(self, hint: str, value: np.ndarray) -> str:
+    def sparse_const(self, hint: str, value: Any) -> str:
         """A constant stored as a ``Constant`` node with a ``sparse_value`` (COO, linear indices).
 
-        Used for large graph adjacency matrices: a dense 10,000-node float matrix would be 400 MB
-        in the file, the sparse one is a few hundred kB. onnxruntime densifies it at load.
+        ``value`` is a dense array or a scipy sparse matrix. Used for large graph adjacency
+        matrices: a dense 10,000-node float matrix would be 400 MB in the file, the sparse one
+        a few hundred kB. onnxruntime densifies it at load.
         """
-        value = np.asarray(value, dtype=np.float32)
-        flat = np.flatnonzero(value).astype(np.int64)
+        if hasattr(value, "tocoo"):  # scipy.sparse, without importing scipy here
+            coo = value.tocoo()
+            shape = coo.shape
+            flat = coo.row.astype(np.int64) * shape[1] + coo.col
+            order = np.argsort(flat)
+            flat, data = flat[order], np.asarray(coo.data, np.float32)[order]
+        else:
+            dense = np.asarray(value, dtype=np.float32)
+            shape = dense.shape
+            flat = np.flatnonzero(dense).astype(np.int64)
+            data = dense.ravel()[flat]
         name = self.fresh(hint)
-        values = numpy_helper.from_array(value.ravel()[flat], name)
+        values = numpy_helper.from_array(data, name)
         indices = numpy_helper.from_array(flat, name + "_indices")
-        sparse = helper.make_sparse_tensor(values, indices, list(value.shape))
+        sparse = helper.make_sparse_tensor(values, indices, list(shape))
         self.nodes.append(helper.make_node("Constant", [], [name], name=name + "_const",
                                            sparse_value=sparse))
         return name

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import zlib
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +122,7 @@ def light_input_name(name: str) -> str:
     return next(i.name for i in graph.input if i.name not in inits)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _original(name: str) -> onnx.ModelProto:
     return onnx.load(str(light_model_path(name)))
 
@@ -194,9 +194,36 @@ def _convert(model: onnx.ModelProto, params: dict[str, np.ndarray], opset: int
     model.graph.input.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape))
                              for k, v in params.items())
     model = version_converter.convert_version(model, opset)
+    _fold_static_shapes(model)
     del model.graph.input[n_data:]
     model.ir_version = IR_VERSION if opset == OPSET else max(model.ir_version, 7)
     return model
+
+
+def _fold_static_shapes(model: onnx.ModelProto) -> None:
+    """Turn converter-made constants into initializers.
+
+    ``Constant`` nodes (Unsqueeze axes, Dropout ratios) become initializers, and ``Shape`` nodes
+    of statically shaped tensors too: the converter rewrites an old 4-D Softmax as Shape ->
+    Flatten -> Softmax -> Reshape, whose Shape is a constant here.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0
+                       for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    keep = []
+    for node in model.graph.node:
+        dims = shapes.get(node.input[0]) if node.op_type == "Shape" else None
+        if dims and all(d > 0 for d in dims) and not node.attribute:
+            model.graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64),
+                                                                   node.output[0]))
+        elif node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            value = numpy_helper.to_array(node.attribute[0].t)
+            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 _EPS = 1e-5  # of the temporary BatchNorms; folded with the same value

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ._nn import Adam, sigmoid
+from ._nn import Adam, sigmoid, single_threaded
 from ._onnx import GraphBuilder, ModelError, check_positive, he_normal
 
 Params = dict[str, np.ndarray]
@@ -583,6 +583,17 @@ TRAINED_CONFIG = {"depth": 8, "width": 64, "skips": (4,), "steps": 3000, "batch"
                   "lr": 3e-3, "seed": 0}
 
 
+def ray_points(n: int, seed: int = 0, bound: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` sample points and their ray directions, each [n, 3], as the renderer queries them.
+
+    Rays of random orbit cameras (radius 4, looking at the origin), depths uniform in
+    [near, far]; only points inside the sphere of radius ``bound`` (default the scene's).
+    Training data and calibration data for the NeRF models.
+    """
+    return _training_points(Scene(bound=bound or Scene().bound), np.random.default_rng(seed), n)
+
+
 def _training_points(scene: Scene, rng: np.random.Generator, n: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Points on random camera rays (random orbit views, jittered samples) inside the bound."""
@@ -602,6 +613,7 @@ def _training_points(scene: Scene, rng: np.random.Generator, n: int
             np.concatenate(dirs_all)[:n].astype(np.float32))
 
 
+@single_threaded
 def train_scene_nerf(depth: int = 8, width: int = 64, skips: Sequence[int] = (4,),
                      steps: int = 3000, batch: int = 4096, lr: float = 3e-3, seed: int = 0,
                      scene: Scene | None = None, verbose: bool = False) -> Params:

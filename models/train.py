@@ -1,7 +1,7 @@
 """Re-create the trained weights shipped in ``models/data/`` (seeded; run once, not at import).
 
     python -m npu.models.train digits   # digits CNN  -> data/digits_cnn.npz  (~10 s)
-    python -m npu.models.train nerf     # scene NeRF  -> data/nerf_scene.npz  (~1 min)
+    python -m npu.models.train nerf     # scene NeRF  -> data/nerf_scene.npz  (~2 CPU min)
     python -m npu.models.train all
 
 The builders load these files, so tests and the demo never train the larger models. Results

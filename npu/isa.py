@@ -34,7 +34,8 @@ __all__ = [
     "Unit", "NPUConfig", "PRESETS", "get_config", "Field", "LAYOUTS", "OPCODE_ENGINE",
     "OPCODE_UNIT", "Instr", "ISAError", "encode", "decode", "encode_words", "decode_words",
     "Timing", "TIMING", "timing", "timing_arrays", "footprint", "address_error",
-    "VECTOR_PARAM_ROWS", "instruction_table_markdown", "field_arrays", "static_faults",
+    "VECTOR_PARAM_ROWS", "instruction_table_markdown", "field_arrays", "field_matrix",
+    "static_faults",
 ]
 
 INSTR_BITS = 256
@@ -555,9 +556,16 @@ def field_arrays(words: np.ndarray) -> dict[str, np.ndarray]:
     A field absent from an instruction's opcode reads 0. Opcodes are not checked here
     (``decode_words`` does that); illegal opcodes give all-zero fields.
     """
+    return dict(zip(ALL_FIELD_NAMES, field_matrix(words)))
+
+
+def field_matrix(words: np.ndarray) -> np.ndarray:
+    """:func:`field_arrays` as one int64 matrix: row ``k`` holds field ``ALL_FIELD_NAMES[k]``
+    of every instruction (what the numba engine indexes)."""
     words = np.ascontiguousarray(words, dtype=np.uint64).reshape(-1, INSTR_WORDS)
     n = len(words)
-    out = {name: np.zeros(n, dtype=np.int64) for name in ALL_FIELD_NAMES}
+    matrix = np.zeros((len(ALL_FIELD_NAMES), n), dtype=np.int64)
+    out = dict(zip(ALL_FIELD_NAMES, matrix))
     opcode = (words[:, 0] & np.uint64(0xF)).astype(np.int64)
     for op, layout in LAYOUTS.items():
         sel = np.flatnonzero(opcode == int(op))  # indices, not a mask: O(len(sel)) per field
@@ -571,8 +579,8 @@ def field_arrays(words: np.ndarray) -> dict[str, np.ndarray]:
             if f.signed:
                 val = np.where(val >= (1 << (f.width - 1)), val - (1 << f.width), val)
             out[key][sel] = val
-    out["opcode"] = opcode
-    return out
+    out["opcode"][:] = opcode
+    return matrix
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,7 +770,8 @@ def _header_legal(op: Opcode, wait: int, signal: int, engine: int) -> bool:
     return True
 
 
-def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int) -> np.ndarray:
+def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int,
+                  fields: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """The dispatch-time fault of every instruction of a program, in bulk (int64 array):
     ``ILLEGAL_INSTRUCTION`` where :func:`decode` fails, ``ADDRESS_OUT_OF_RANGE`` where
     :func:`address_error` objects, else ``NONE``.
@@ -772,9 +781,11 @@ def static_faults(words: np.ndarray, cfg: NPUConfig, dram_bytes: int) -> np.ndar
     :func:`field_arrays` flags a superset of the bad instructions (reserved bits from
     :data:`LAYOUTS`, token masks checked by :class:`Instr` once per distinct header, address
     ranges from :func:`footprint` itself), and only the flagged ones are decoded and checked.
+    ``fields``: :func:`field_arrays` of ``words``, if the caller has them already.
     """
     words = np.ascontiguousarray(words, dtype=np.uint64).reshape(-1, INSTR_WORDS)
-    fields = field_arrays(words)
+    if fields is None:
+        fields = field_arrays(words)
     opcode = fields["opcode"]
     suspect = ~np.isin(opcode, [int(op) for op in Opcode])
     limits = {"dram": dram_bytes, "spad": cfg.spad_rows, "acc": cfg.acc_rows}

@@ -157,9 +157,11 @@ class Program:
         return label
 
     # Validation --------------------------------------------------------------------------
-    def validate(self, config: NPUConfig | None = None) -> None:
+    def validate(self, config: NPUConfig | None = None, *,
+                 faults: np.ndarray | None = None) -> None:
         """Raise :class:`ProgramError` unless the program is well formed and every address in
-        range. With ``config``, also require that the program was built for it."""
+        range. With ``config``, also require that the program was built for it. ``faults``:
+        :func:`npu.isa.static_faults` of this program, if the caller has computed them."""
         if not isinstance(self.config, NPUConfig):
             raise ProgramError("program config is not an NPUConfig")
         if config is not None and config != self.config:
@@ -168,7 +170,8 @@ class Program:
                                f"{config.name!r} (differs in {diff})")
         if not _is_int(self.dram_bytes) or not 0 < self.dram_bytes <= MAX_DRAM_BYTES:
             raise ProgramError(f"dram_bytes={self.dram_bytes!r} must be in (0, 2**32]")
-        faults = static_faults(self.instructions, self.config, self.dram_bytes)  # fast, in bulk
+        if faults is None:
+            faults = static_faults(self.instructions, self.config, self.dram_bytes)  # in bulk
         if (faults == Fault.ILLEGAL_INSTRUCTION).any():
             self.decoded()  # raises, naming the first illegal instruction
         for idx in np.flatnonzero(faults)[:1].tolist():

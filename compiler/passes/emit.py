@@ -602,6 +602,22 @@ def _binding(t: Tensor) -> Binding:
                    q.zero_point if q else 0)
 
 
+def _disjoint(nxt: Node, cur: Node) -> bool:
+    """True when ``nxt``'s weight/parameter buffers overlap none of ``cur``'s buffers."""
+    a, b = nxt.attrs.get("buffers"), cur.attrs.get("buffers")
+    if a is None or b is None:
+        return True
+    for mine, theirs in ((a.spad, b.spad), (a.acc, b.acc)):
+        for key in ("w", "par"):
+            if key not in mine:
+                continue
+            lo, n = mine[key]
+            for lo2, n2 in theirs.values():
+                if lo < lo2 + n2 and lo2 < lo + n:
+                    return False
+    return True
+
+
 def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = None) -> Program:
     """Build the program of one segment."""
     dram_bytes = int(seg.stats["dram_bytes"])
@@ -624,16 +640,20 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
     for k, (li, i) in enumerate(items):
         node, layer = layers[li]
         nxt = items[k + 1] if k + 1 < len(items) else None
-        if nxt is not None:
+        # The next layer's weights are prefetched before this layer's last item unless they
+        # land in buffers this layer still uses (program order is the semantics).
+        early = nxt is not None and (nxt[0] == li or _disjoint(layers[nxt[0]][0], node))
+        if early:
             layers[nxt[0]][1].ldw(nxt[1])
             if nxt[0] == li:
-                layer_n = layers[nxt[0]][1]
-                layer_n.lda(nxt[1])
+                layers[nxt[0]][1].lda(nxt[1])
         layer.ex(i)
         layer.vx(i)
         layer.st(i)
         if nxt is not None and nxt[0] != li:
             s.region(layers[nxt[0]][0].name)
+            if not early:
+                layers[nxt[0]][1].ldw(nxt[1])
             layers[nxt[0]][1].lda(nxt[1])
         if progress is not None and i == layer.n_items - 1:
             progress.update(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from npu.compiler.ir import Graph, Node, Step, geometry
+from npu.compiler.ir import Graph, Node, Step
 from npu.compiler.qmath import is_identity
 
 __all__ = ["fuse", "EPILOGUE_OPS"]
@@ -106,7 +106,7 @@ def _fuse_concat(graph: Graph) -> None:
         views = []
         for t, step in zip(node.inputs, node.attrs["rescale"]):
             tt = graph.tensors[t]
-            c = geometry(tt)[3]
+            c = tt.shape[node.attrs["axis"]]   # channels (layouts are assigned later)
             prod = producer.get(t)
             if prod is not None and prod.device == "npu" and prod.op in EPILOGUE_OPS and \
                     _only_user(graph, t, node) and tt.view_of is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,19 @@ _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT8: "int8",
            onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT32: "int32",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.BOOL: "bool"}
+
+
+@dataclass
+class _Out:
+    """Where a compute node's result goes: the int8 tensor, its quantization, the Q node, an
+    absorbed Relu/Clip and the clamp bounds it implies."""
+
+    name: str
+    quant: Quant
+    q: onnx.NodeProto
+    act: onnx.NodeProto | None
+    lo: int
+    hi: int
 
 
 class Unsupported(Exception):
@@ -56,6 +70,7 @@ class _Model:
         self.graph = g
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         self.producer = {o: n for n in g.node for o in n.output if o}
+        self.index = {_key(n): i for i, n in enumerate(g.node)}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:
             for i in n.input:
@@ -115,17 +130,43 @@ class _Model:
             raise Unsupported(f"weight {name!r} has a non-zero zero point (asymmetric weights)")
         return w, scale, axis
 
-    def out(self, node: onnx.NodeProto) -> tuple[str, Quant, onnx.NodeProto]:
-        """The QuantizeLinear that is the only consumer of the node's output."""
+    def out(self, node: onnx.NodeProto, allow_act: bool = True) -> _Out:
+        """The QuantizeLinear that is the only consumer of the node's output, possibly through
+        a Relu/Clip whose float input is not quantized (then folded in as a clamp: Q is
+        monotone, so ``Q(relu(v)) = max(Q(v), Q(0))``)."""
         y = node.output[0]
         users = self.consumers.get(y, [])
+        act = None
+        if allow_act and y not in self.outputs and len(users) == 1 and \
+                users[0].op_type in ("Relu", "Clip"):
+            act = users[0]
+            y = act.output[0]
+            users = self.consumers.get(y, [])
         if y in self.outputs or len(users) != 1 or users[0].op_type != "QuantizeLinear":
             raise Unsupported("its output is not quantized by exactly one QuantizeLinear")
         q = users[0]
         scale, zp, _ = self.qparams(q)
         if scale.size != 1 or zp.size != 1 or zp.dtype != np.int8:
             raise Unsupported("its output quantization is not per-tensor int8")
-        return q.output[0], Quant(float(scale.reshape(())), int(zp.reshape(()))), q
+        yq = Quant(float(scale.reshape(())), int(zp.reshape(())))
+        lo, hi = -128, 127
+        if act is not None:
+            lo, hi = self.act_bounds(act, yq)
+        return _Out(q.output[0], yq, q, act, lo, hi)
+
+    def act_bounds(self, act: onnx.NodeProto, yq: Quant) -> tuple[int, int]:
+        """Quantized clamp bounds of a Relu/Clip with output quantization ``yq``."""
+        if act.op_type == "Relu":
+            return quantize_scalar(0.0, yq), 127
+        a = _attrs(act)
+        cmin, cmax = a.get("min"), a.get("max")
+        if len(act.input) > 1 and act.input[1]:
+            cmin = float(self.const(act.input[1]))
+        if len(act.input) > 2 and act.input[2]:
+            cmax = float(self.const(act.input[2]))
+        lo = quantize_scalar(cmin, yq) if cmin is not None else -128
+        hi = quantize_scalar(cmax, yq) if cmax is not None else 127
+        return lo, hi
 
     def bias(self, name: str, x: Quant, w_scale: np.ndarray, cout: int) -> np.ndarray:
         """int32 bias in units of x_scale * w_scale (quantized here if it is float)."""
@@ -247,7 +288,8 @@ class _Legalizer:
             self.graph.inputs.append(inp.name)
         placed: list[tuple[int, Node | None, onnx.NodeProto]] = []
         for idx, node in enumerate(g.node):
-            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") or \
+                    _key(node) in self.absorbed:   # (a Relu/Clip folded into its producer)
                 placed.append((idx, None, node))
                 continue
             label = node_label(node, idx)
@@ -255,14 +297,15 @@ class _Legalizer:
                 else None
             npu: Node | None = None
             reason = "" if handler else f"the NPU has no {node.op_type} operation"
+            self.extra_sources: list[tuple[str, str]] = []
             if handler is not None:
                 try:
                     npu = handler(node, label)
                 except Unsupported as exc:
                     reason = str(exc)
             if npu is not None:
-                npu.onnx_op = node.op_type
-                npu.sources = [label]
+                npu.onnx_op = node.op_type + "".join(f"+{op}" for _, op in self.extra_sources)
+                npu.sources = [label] + [lab for lab, _ in self.extra_sources]
                 placed.append((idx, npu, node))
                 self.absorbed.add(_key(node))
             else:
@@ -295,8 +338,12 @@ class _Legalizer:
                     {"onnx_node": node}, device="host", sources=[label], onnx_op=node.op_type,
                     reason=reason)
 
-    def _finish(self, node: onnx.NodeProto, q: onnx.NodeProto) -> None:
-        self.absorbed.add(_key(q))
+    def _finish(self, node: onnx.NodeProto, out: _Out) -> None:
+        self.absorbed.add(_key(out.q))
+        if out.act is not None:
+            self.absorbed.add(_key(out.act))
+            self.extra_sources.append((node_label(out.act, self.m.index[_key(out.act)]),
+                                       out.act.op_type))
 
     def _npu(self, op: str, label: str, inputs: list[str], out: str, quants: list[Quant],
              out_q: Quant, attrs: dict[str, Any]) -> Node:
@@ -310,7 +357,8 @@ class _Legalizer:
     # Handlers --------------------------------------------------------------------------------
     def _conv_like(self, node: onnx.NodeProto, label: str, x: str, xq: Quant, w: np.ndarray,
                    w_scale: np.ndarray, bias_name: str, attrs: dict[str, Any]) -> Node:
-        y, yq, q = self.m.out(node)
+        out = self.m.out(node)
+        y, yq = out.name, out.quant
         cout = w.shape[0]
         w_scale = np.broadcast_to(w_scale.reshape(-1), (cout,)).astype(np.float32)
         bias = self.m.bias(bias_name, xq, w_scale, cout)
@@ -318,9 +366,9 @@ class _Legalizer:
         bias = _int32(bias - xq.zero_point * wsum, f"{label}: bias with folded zero point")
         scales = requant_scales(xq.scale, w_scale, yq.scale)
         mult, shift = multipliers(scales, label)
-        self._finish(node, q)
+        self._finish(node, out)
         attrs.update(weight=w, bias=bias, mult=mult, shift=shift, zero_point=yq.zero_point,
-                     clamp=(-128, 127), epilogue=[])
+                     clamp=(out.lo, out.hi), epilogue=[])
         return self._npu("conv", label, [x], y, [xq], yq, attrs)
 
     def conv(self, node: onnx.NodeProto, label: str) -> Node:
@@ -382,29 +430,18 @@ class _Legalizer:
         (a, aq), (b, bq) = self.m.act(ins[0]), self.m.act(ins[1])
         if self.m.shapes[ins[0]] != self.m.shapes[ins[1]]:
             raise Unsupported("broadcasting add")
-        y, yq, q = self.m.out(node)
-        self._finish(node, q)
-        step = add_step(aq, bq, yq, b)
+        out = self.m.out(node)
+        y, yq = out.name, out.quant
+        self._finish(node, out)
+        step = add_step(aq, bq, yq, b, out.lo, out.hi)
         return self._npu("add", label, [a, b], y, [aq, bq], yq, {"epilogue": [step]})
 
     def clamp(self, node: onnx.NodeProto, label: str) -> Node:
         x, xq = self.m.act(node.input[0])
-        y, yq, q = self.m.out(node)
-        lo, hi = -128, 127
-        if node.op_type == "Relu":
-            lo = quantize_scalar(0.0, yq)
-        else:
-            a = _attrs(node)
-            cmin, cmax = a.get("min"), a.get("max")
-            if len(node.input) > 1 and node.input[1]:
-                cmin = float(self.m.const(node.input[1]))
-            if len(node.input) > 2 and node.input[2]:
-                cmax = float(self.m.const(node.input[2]))
-            if cmin is not None:
-                lo = quantize_scalar(cmin, yq)
-            if cmax is not None:
-                hi = quantize_scalar(cmax, yq)
-        self._finish(node, q)
+        out = self.m.out(node, allow_act=False)
+        y, yq = out.name, out.quant
+        lo, hi = self.m.act_bounds(node, yq)
+        self._finish(node, out)
         step = rescale_step(xq, yq, lo, hi)
         return self._npu("clamp", label, [x], y, [xq], yq, {"epilogue": [step]})
 
@@ -413,7 +450,8 @@ class _Legalizer:
         if len([o for o in node.output if o]) > 1:
             raise Unsupported("MaxPool with an Indices output")
         x, xq = self.m.act(node.input[0])
-        y, yq, q = self.m.out(node)
+        out = self.m.out(node)
+        y, yq = out.name, out.quant
         shape = self.m.shapes[node.input[0]]
         if len(shape) not in (3, 4):
             raise Unsupported(f"pooling over a rank-{len(shape)} tensor")
@@ -422,11 +460,11 @@ class _Legalizer:
         if a.get("storage_order", 0):
             raise Unsupported("MaxPool storage_order=1")
         sp = _spatial(node, {} if glob else a, shape, kernel, bool(a.get("ceil_mode", 0)))
-        self._finish(node, q)
+        self._finish(node, out)
         attrs = {**sp, "count_include_pad": int(a.get("count_include_pad", 0)),
-                 "zero_point": yq.zero_point, "epilogue": []}
-        if op == "maxpool" and xq != yq:
-            attrs["epilogue"] = [rescale_step(xq, yq)]
+                 "zero_point": yq.zero_point, "epilogue": [], "clamp": (out.lo, out.hi)}
+        if op == "maxpool" and (xq != yq or (out.lo, out.hi) != (-128, 127)):
+            attrs["epilogue"] = [rescale_step(xq, yq, out.lo, out.hi)]
         return self._npu(op, label, [x], y, [xq], yq, attrs)
 
     def maxpool(self, node: onnx.NodeProto, label: str) -> Node:
@@ -444,18 +482,20 @@ class _Legalizer:
         if not ((len(shape) == 4 and axis == 1) or (len(shape) != 4 and axis == len(shape) - 1)):
             raise Unsupported(f"Concat along axis {axis} of a rank-{len(shape)} tensor "
                               f"(the NPU concatenates channels)")
-        y, yq, q = self.m.out(node)
-        self._finish(node, q)
-        steps = [rescale_step(aq, yq) for _, aq in acts]
+        out = self.m.out(node)
+        y, yq = out.name, out.quant
+        self._finish(node, out)
+        steps = [rescale_step(aq, yq, out.lo, out.hi) for _, aq in acts]
         return self._npu("concat", label, [n for n, _ in acts], y, [aq for _, aq in acts], yq,
                          {"axis": axis, "rescale": steps})
 
     def reshape(self, node: onnx.NodeProto, label: str) -> Node:
         x, xq = self.m.act(node.input[0])
-        y, yq, q = self.m.out(node)
+        out = self.m.out(node, allow_act=False)
+        y, yq = out.name, out.quant
         if xq != yq:
             raise Unsupported("a reshape that changes the quantization")
-        self._finish(node, q)
+        self._finish(node, out)
         return self._npu("reshape", label, [x], y, [xq], yq, {})
 
     def gather(self, node: onnx.NodeProto, label: str) -> Node:
@@ -477,10 +517,11 @@ class _Legalizer:
         idx = node.input[1]
         if self.m.dtypes.get(idx) not in ("int64", "int32"):
             raise Unsupported("Gather indices are not integers")
-        y, yq, q = self.m.out(node)
+        out = self.m.out(node, allow_act=False)
+        y, yq = out.name, out.quant
         if yq != tq:
             raise Unsupported("Gather that changes the quantization")
-        self._finish(node, q)
+        self._finish(node, out)
         t = self.tensor(table, tq)
         t.dtype = "int8"
         it = self.tensor(idx)

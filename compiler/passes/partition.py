@@ -45,6 +45,37 @@ def partition(graph: Graph, strict: bool = False, observe: Any = ()) -> Graph:
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
             raise CompileError(f"strict mode: {len(bad)} node(s) would run on the host: "
                                f"{lines}{more}")
+    _segment_levels(graph)
+    segs = _group(graph)
+    idle = [k for k, nodes in segs.items() if all(n.op in _NO_WORK for n in nodes)]
+    if idle:
+        # A segment that would only rename bytes (a reshape between host nodes) is not worth a
+        # program: its nodes run on the host (numpy reshape).
+        for k in idle:
+            for n in segs[k]:
+                n.device = "host"
+                n.reason = "nothing to compute between host nodes"
+        _segment_levels(graph)
+        segs = _group(graph)
+    if sorted(segs) != list(range(len(segs))):
+        raise CompileError(f"internal: segment levels {sorted(segs)} are not contiguous")
+    graph.segments = [_segment(graph, k, segs[k], observe) for k in range(len(segs))]
+    return graph
+
+
+_NO_WORK = ("reshape",)
+
+
+def _group(graph: Graph) -> dict[int, list[Node]]:
+    segs: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        if node.device == "npu":
+            segs.setdefault(node.segment, []).append(node)
+    return segs
+
+
+def _segment_levels(graph: Graph) -> None:
+    """Set Node.segment of NPU nodes and attrs['phase'] of host nodes."""
     # Phases: host phase k is 2k, segment k is 2k+1. A tensor is available after the phase
     # producing it; graph inputs and constants before anything.
     avail: dict[str, int] = {}
@@ -61,14 +92,6 @@ def partition(graph: Graph, strict: bool = False, observe: Any = ()) -> Graph:
             node.attrs["phase"] = phase // 2    # runs before segment phase//2 (after k-1)
         for o in node.outputs:
             avail[o] = phase
-    segs: dict[int, list[Node]] = {}
-    for node in graph.nodes:
-        if node.device == "npu":
-            segs.setdefault(node.segment, []).append(node)
-    if sorted(segs) != list(range(len(segs))):
-        raise CompileError(f"internal: segment levels {sorted(segs)} are not contiguous")
-    graph.segments = [_segment(graph, k, segs[k], observe) for k in range(len(segs))]
-    return graph
 
 
 def _segment(graph: Graph, idx: int, nodes: list[Node], observe: Any) -> Segment:

@@ -316,6 +316,20 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
     macs = n * oh * ow * cout * kh * kw * (c // int(a.get("group", 1)))
     if kind == "avgpool":
         macs = 0
+    # Which weight tiles are nonzero decides residency and per-item weight rows.
+    proto = ConvPlan(kind, mode, n, h, w, c, oh, ow, cout, kh, kw, sy, sx, dy, dx, pads, cj,
+                     coc, 1, 1, cj, True, 1, 1, 1)
+    proto.ktiles = _ktiles(proto)
+    j_of = np.array([j for (_, _, j) in proto.ktiles])
+    if kind == "avgpool":
+        all_tiles = None
+        nonzero = j_of[None, :] == np.arange(coc)[:, None]
+        unique_total = 1 + int(cout % r != 0)
+    else:
+        all_tiles = conv_tiles(proto, node, r)
+        nonzero = all_tiles.reshape(coc, len(proto.ktiles), -1).any(axis=2)
+        nonzero[~nonzero.any(axis=1), 0] = True    # an all-zero chunk still runs one tile
+        unique_total = int(nonzero.sum())
     acc_total = cfg.acc_rows
     best: ConvPlan | None = None
     for n_sp in _row_splits(oh):
@@ -328,23 +342,25 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
             br, bc = _block_dims(mode, oh_t, ow_t, p)
             if br > 4095 or bc > 65535:
                 continue
-            kper = kh if mode == "packed" else kh * kw   # K tiles per reduction chunk
             for g in _group_sizes(cj):
                 ngroups = _cdiv(cj, g)
                 block = g * br * bc
                 n_sp_tiles = n * _cdiv(oh, oh_t) * _cdiv(ow, ow_t)
                 single = n_sp_tiles == 1 and ngroups == 1
                 in_slots = 1 if single else 2
-                w_rows_total = coc * cj * kper * r      # upper bound (zero tiles not known yet)
-                w_rows_item = g * kper * r
+                w_rows_total = unique_total * r
+                per_group = np.zeros((coc, ngroups), dtype=np.int64)
+                np.add.at(per_group, (slice(None), j_of // g), nonzero.astype(np.int64))
+                w_rows_item = (1 if kind == "avgpool" else int(per_group.max())) * r
                 fixed = 2 * mt * (1 + extra_operands)
                 for resident in (True, False):
                     wr = w_rows_total if resident else 2 * w_rows_item
                     need = in_slots * block + wr + fixed
                     if need > spad_budget:
                         continue
-                    est = _estimate(cfg, n_sp_tiles, coc, ngroups, cj * kper, mt, block,
-                                    w_rows_total, resident, x_bytes=n * h * w * c)
+                    n_mm = int(nonzero.sum()) * n_sp_tiles
+                    est = _estimate(cfg, n_mm, coc * n_sp_tiles, ngroups, mt, block,
+                                    w_rows_total, resident, n_sp_tiles)
                     if best is None or est < best.est_cycles:
                         best = ConvPlan(kind, mode, n, h, w, c, oh, ow, cout, kh, kw, sy, sx,
                                         dy, dx, pads, cj, coc, oh_t, ow_t, g, resident,
@@ -353,13 +369,38 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
     if best is None:
         raise CompileError(f"no tiling fits SPAD ({cfg.spad_rows} rows) and ACC "
                            f"({cfg.acc_rows} rows) of {cfg.name}", node.name, node.onnx_op)
-    best.ktiles = _ktiles(best)
-    tiles = conv_tiles(best, node, r)
-    _sequences(best, tiles)
-    if best.resident and len(best.tiles) * r + best.in_slots * best.block_rows + \
-            2 * best.oh_t * best.ow_t * (1 + extra_operands) > spad_budget:
-        best.resident = False  # cannot happen (bound above), kept as a guard
+    best.ktiles = proto.ktiles
+    if kind == "avgpool":
+        _avg_sequences(best, r)
+    else:
+        _sequences(best, all_tiles)
     return best
+
+
+def _avg_sequences(plan: ConvPlan, r: int) -> None:
+    """Average pooling: item (m, kg) runs the identity tile over every window offset of
+    chunk m (once preloaded, it stays active: consecutive duplicates are not reloaded)."""
+    eye = np.eye(r, dtype=np.int8)
+    part = plan.cout % r
+    tiles = [eye]
+    if part:
+        p = np.zeros((r, r), dtype=np.int8)
+        p[:part, :part] = eye[:part, :part]
+        tiles.append(p)
+    seq: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    prev = -1
+    for m in range(plan.coc):
+        tid = 1 if (part and m == plan.coc - 1) else 0
+        kg = m // plan.chunks_per_group
+        lst = []
+        for k, (_, _, j) in enumerate(plan.ktiles):
+            if j != m:
+                continue
+            lst.append((k, -1 if tid == prev else tid))
+            prev = tid
+        seq[(m, kg)] = lst
+    plan.seq = seq
+    plan.tiles = np.stack(tiles)
 
 
 def _row_splits(oh: int) -> list[int]:
@@ -395,19 +436,20 @@ def _group_sizes(cj: int) -> list[int]:
     return out
 
 
-def _estimate(cfg: NPUConfig, n_sp: int, coc: int, ngroups: int, nk: int, mt: int,
-              block: int, w_rows: int, resident: bool, x_bytes: int) -> int:
-    """Cycles: the slower of the array and the LD DMA, plus per-item overhead."""
+def _estimate(cfg: NPUConfig, n_mm: int, n_items: int, ngroups: int, mt: int, block: int,
+              w_rows: int, resident: bool, n_sp: int) -> int:
+    """Cycles: the slower of the array and the LD DMA, plus per-item overhead and the time
+    to the first matmul (about one tile of input)."""
     pre = cfg.rows + 1                       # a PRELOAD per tile paces tiny matmuls
     lead = cfg.rows + cfg.cols + cfg.rows    # a bank is free again this long after its matmul
     per_tile = max(mt, pre, (lead + 1) // 2)
-    ex = n_sp * coc * nk * per_tile
+    ex = n_mm * per_tile
     beats = _cdiv(cfg.rows, cfg.dram_beat_bytes)
-    in_loads = n_sp * block * (ngroups if ngroups == 1 else ngroups * coc)
+    reloads = 1 if ngroups == 1 else max(1, n_items // max(n_sp, 1))
+    in_loads = n_sp * block * ngroups * reloads
     w_loads = w_rows * (1 if resident else n_sp)
     ld = (in_loads + w_loads) * beats
-    items = n_sp * coc * ngroups
-    return int(max(ex, ld) + items * _ITEM_OVERHEAD + block * beats)
+    return int(max(ex, ld) + n_items * ngroups * _ITEM_OVERHEAD + mt * beats)
 
 
 # --------------------------------------------------------------------------------------------

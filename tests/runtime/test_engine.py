@@ -61,6 +61,13 @@ def _memories(cfg, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return dram, spad, acc
 
 
+def test_isa_fingerprint_is_current() -> None:
+    """The ISA constants compiled into the cached kernels match npu.isa (else the kernels run
+    uncached; update ISA_FINGERPRINT in runtime/_kernels.py after reviewing them)."""
+    assert K.isa_fingerprint() == K.ISA_FINGERPRINT
+    assert K.NJIT["cache"] is True and K.NJIT["fastmath"] is False
+
+
 # --------------------------------------------------------------------------------------------
 # Scalar helpers against npu.numerics
 # --------------------------------------------------------------------------------------------
