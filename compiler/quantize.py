@@ -179,7 +179,11 @@ def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
                             weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False,
-                                           "WeightSymmetric": True})
+                                           "WeightSymmetric": True,
+                                           # Pools and reshapes after a float-only chain
+                                           # (e.g. Sum -> Relu) are quantized too, so the
+                                           # whole chain stays int8 on the NPU.
+                                           "ForceQuantizeNoInputCheck": True})
         except CompileError:
             raise
         except Exception as exc:

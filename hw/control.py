@@ -290,8 +290,9 @@ class Control(wiring.Component):
                 with m.If(st[e] & hd.preload):
                     m.d.sync += preload_done.eq(complete)
             if e == Engine.VX:
-                # As the contract: the latest VX start (SYNC included) dates the next ELTWISE.
-                with m.If(st[e]):
+                # As the contract: the latest completion of any VX instruction started so far
+                # dates the next ELTWISE (a SYNC completes before an earlier VECTOR does).
+                with m.If(st[e] & (vx_done < complete)):
                     m.d.sync += vx_done.eq(complete)
         any_st = comb_signal(m, _or(st))
 

@@ -108,7 +108,7 @@ def stats(config: str | NPUConfig, top: str = "npu", *, source: str | None = Non
             "proc", "flatten", "opt_expr", "opt_clean", "check", "opt -nodffe -nosdff",
             "fsm", "opt", "wreduce", "peepopt", "opt_clean", "alumacc", "share", "opt",
             "memory -nomap", "opt_clean", "opt -fast -full", "techmap", "opt -fast",
-            "abc -fast", "opt -fast", "stat",
+            "abc", "opt -fast", "stat",
         ])
         # Relative paths: yowasp's WebAssembly sandbox sees the working directory.
         proc = subprocess.run([*yosys_command(), "-q", "-l", logfile.name, "-p", script],

@@ -11,7 +11,11 @@ its role:
 * BatchNorm running mean and variance: *measured* on a seeded calibration image (data-dependent
   initialisation), so every BatchNorm output really has zero mean and unit variance; in
   networks without BatchNorm every biased Conv that no BatchNorm follows is rescaled the same
-  way (per output channel). The network stays in a sane numeric range end to end.
+  way (per output channel, where it has at least 16 outputs per channel);
+* the layer before the Softmax is scaled so the logits have standard deviation 2 over the
+  classes: a softmax that is neither uniform (which int8 quantises to zeros) nor one-hot.
+
+The network stays in a sane numeric range end to end.
 
 The graph is otherwise unchanged (Dropout, LRN, Sum stay), the initializers are taken out of
 the graph inputs (the only input left is the image), and it is converted to opset 17 unless
@@ -253,6 +257,10 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
     del typed
     nodes: list[onnx.NodeProto] = []
     fold: dict[str, tuple[onnx.NodeProto, str, str]] = {}  # conv name -> (conv, mean, var)
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    # The classifier keeps its own per-class differences: normalising each class channel
+    # would make every logit the same number (the mean of relu(N(0, 1))).
+    classifier = _classifier(graph, softmax[0].input[0]) if softmax else None
     set_stats: list[tuple[str, str, str, str]] = []  # (mean out, var out, mean p, var p)
     for node in graph.node:
         if node.op_type == "BatchNormalization":
@@ -262,7 +270,8 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
             nodes.append(node)
         elif (node.op_type == "Conv" and len(node.input) == 3
               and not any(u.op_type == "BatchNormalization" for u, _ in users[node.output[0]])
-              and _samples_per_channel(shapes.get(node.output[0])) >= 16):
+              and _samples_per_channel(shapes.get(node.output[0])) >= 16
+              and node is not classifier):
             out, raw = node.output[0], node.output[0] + "__raw"
             c = params[node.input[1]].shape[0]
             names = [f"{out}__{k}" for k in ("s", "b", "m", "v")]
@@ -279,6 +288,8 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
     graph.node.extend(nodes)
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in params.items())
     wanted = [n for t in set_stats for n in t[:2]] + [n for f in fold.values() for n in f[1:]]
+    if softmax:
+        wanted.append(softmax[0].input[0])
     del graph.output[:]
     graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                         for n in wanted)
@@ -294,6 +305,46 @@ def _normalize_statistics(model: onnx.ModelProto, params: dict[str, np.ndarray],
         w, b = conv.input[1], conv.input[2]
         params[w] = (params[w] * inv.reshape(-1, *[1] * (params[w].ndim - 1))).astype(np.float32)
         params[b] = ((params[b] - outs[out_m]) * inv).astype(np.float32)
+    if softmax:
+        _scale_logits(model, params, softmax[0].input[0], outs[softmax[0].input[0]])
+
+
+#: Standard deviation of the logits (Softmax input) over the classes after initialisation.
+LOGIT_STD = 2.0
+_PASS_THROUGH = {"Relu", "GlobalAveragePool", "AveragePool", "Reshape", "Flatten", "Dropout",
+                 "Identity", "Squeeze"}
+
+
+def _classifier(graph: onnx.GraphProto, logits_name: str) -> onnx.NodeProto | None:
+    """The Conv/Gemm that makes the logits (through Relu, pooling, reshapes), if any."""
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(logits_name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type in ("Conv", "Gemm") else None
+
+
+def _scale_logits(model: onnx.ModelProto, params: dict[str, np.ndarray], logits_name: str,
+                  logits: np.ndarray) -> None:
+    """Rescale the last Conv/Gemm so the logits have std :data:`LOGIT_STD` over the classes.
+
+    After the per-channel normalisation a network such as SqueezeNet (conv, relu, global
+    pool, softmax) ends with nearly equal logits, a uniform softmax that int8 quantises to
+    zeros; everything between that layer and the Softmax is positively homogeneous, so scaling
+    its weight and bias scales the logits.
+    """
+    node = _classifier(model.graph, logits_name)
+    std = float(np.std(logits))
+    if node is None or std == 0.0:
+        return
+    scale = LOGIT_STD / std
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for name in node.input[1:3]:
+        while name not in params and name in producer and producer[name].op_type in (
+                "Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+            name = producer[name].input[0]  # a weight reshaped in the graph (Inception v1)
+        if name in params:
+            params[name] = (params[name] * scale).astype(np.float32)
 
 
 def _samples_per_channel(shape: list[int] | None) -> int:

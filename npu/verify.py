@@ -253,7 +253,29 @@ def build_design(verilog: str | Callable[[], str], toplevel: str, key: str, *,
             raise RuntimeError(f"{sim} build of {toplevel} failed ({exc}); log {log}:\n"
                                f"{tail}") from None
         marker.write_text(json.dumps({"key": key, "time": time.time()}))
+        _tidy(build)
     return build
+
+
+#: Builds of the same design name kept besides the newest (older ones are deleted).
+KEEP_BUILDS = 2
+
+
+def _tidy(build: Build) -> None:
+    """Delete the compiler's intermediate files of a finished build (precompiled headers and
+    objects: ~150 MB; only the executable is run) and the oldest builds of the same design
+    (each RTL change makes a new one)."""
+    for path in build.sim_dir.iterdir():
+        if path.suffix in (".gch", ".o", ".a", ".d") and path.is_file():
+            path.unlink()
+    prefix = build.directory.name.rsplit("-", 1)[0] + "-"
+    others = [d for d in build.directory.parent.iterdir()
+              if d.is_dir() and d.name.startswith(prefix) and d != build.directory
+              and (d / ".built").exists()]
+    others.sort(key=lambda d: (d / ".built").stat().st_mtime, reverse=True)
+    for old in others[KEEP_BUILDS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
 
 
 def run_cocotb(build: Build, test_module: str, env: Mapping[str, str], *,
@@ -645,10 +667,12 @@ def _group_key(case: Case) -> str:
 
 def verify_cases(cases: Sequence[Case], *, sim: str = "verilator", engine: str = "numba",
                  batch: int = 200, jobs: int = 1,
-                 progress: Callable[[str], None] | None = None) -> list[Verdict]:
+                 progress: Callable[[str], None] | None = None,
+                 keep_expected: dict[str, Expected] | None = None) -> list[Verdict]:
     """Run every case on the runtime and on the RTL (``batch`` cases per simulator process,
     ``jobs`` processes at a time) and compare them; returns one :class:`Verdict` per case, in
-    order. Cases are grouped by config; each group gets one build of the simulation top."""
+    order. Cases are grouped by config; each group gets one build of the simulation top.
+    ``keep_expected`` (a dict) receives each case's runtime outcome by name."""
     say = progress or (lambda msg: None)
     prepare_simulator(sim)
     verdicts: list[Verdict | None] = [None] * len(cases)
@@ -657,6 +681,8 @@ def verify_cases(cases: Sequence[Case], *, sim: str = "verilator", engine: str =
     for i, case in enumerate(cases):
         try:
             expected[i] = run_runtime(case, engine)
+            if keep_expected is not None:
+                keep_expected[case.name] = expected[i]
         except (ProgramError, ValueError) as exc:
             verdicts[i] = Verdict(case.name, ok=False, category=case.category,
                                   problems=[f"the runtime rejected the case: {exc}"])
@@ -798,6 +824,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=100, help="programs per simulator process")
     p.add_argument("--jobs", type=int, default=2, help="simulator processes at a time")
     p.add_argument("--engine", choices=("numba", "reference"), default="numba")
+    p.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT "
+                                                  "(names are printed on failure)")
     p.add_argument("--json", metavar="FILE", help="write every verdict as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="print every verdict")
     p.set_defaults(func=_cmd_conformance)

@@ -480,8 +480,8 @@ def simulate(F, unit, busy, lat, eng, sfault, cfgv, dram, spad, acc, wbank, wban
             trace[T_STALL, i] = stall
             if u != UNIT_NONE:
                 unit_free[u] = t + busy[i]
-            if e == ENGINE_VX:
-                vx_c = c
+            if e == ENGINE_VX and c > vx_c:
+                vx_c = c   # the latest completion on VX (a SYNC can complete before a VECTOR)
             es[e, E_QHEAD] = (es[e, E_QHEAD] + 1) % qd
             es[e, E_QLEN] -= 1
             infl[e, (es[e, E_IHEAD] + es[e, E_ILEN]) % rd] = i

@@ -178,7 +178,7 @@ class _Machine:
         self.active = 0
         self.bank_free = [0, 0]
         self.preload_c = 0
-        self.vx_c = 0                  # completion of the latest instruction started on VX
+        self.vx_c = 0                  # latest completion of the instructions started on VX
         # Dispatcher.
         self.pc = 0
         self.halt_cycle = -1
@@ -250,7 +250,7 @@ class _Machine:
         for src in _bits(ins.wait):
             self.tok[src][e] -= 1
         if e == Engine.VX:
-            self.vx_c = c
+            self.vx_c = max(self.vx_c, c)  # a SYNC may complete before an earlier VECTOR
         op = ins.opcode
         if op == Opcode.LOAD:
             _exec_load(f, self.dram, self.spad, self.acc)

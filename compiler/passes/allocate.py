@@ -76,6 +76,7 @@ def allocate(graph: Graph, config: NPUConfig) -> Graph:
                 top = _align(top + len(data))
             node.attrs["consts"] = placed
             consts.update({f"{name}/{k}": v for k, v in placed.items()})
+        seg.stats["const_end"] = top     # below: constants only (never written)
         order = {name: i for i, name in enumerate(seg.nodes)}
         end_of_seg = len(seg.nodes)
         pads = _requested_pads(graph, seg)

@@ -31,7 +31,7 @@ import numpy as np
 
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, Placement, Segment, Tensor, geometry
-from npu.compiler.passes.schedule import Buffers, avg_divisors
+from npu.compiler.passes.schedule import Buffers, align, avg_divisors
 from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan
 from npu.compiler.qmath import multipliers
 from npu.compiler.stream import Stream
@@ -217,6 +217,7 @@ class _ConvLayer(_Layer):
         consts = node.attrs["consts"]
         self.w_dram = consts["w"][0]
         self.par_dram = consts["par"][0]
+        self.par_rows = len(consts["par"][1]) // (4 * cfg.cols)
         self.x = _View(graph.tensors[node.inputs[0]])
         self.y = _View(graph.tensors[node.outputs[0]])
         self.zx = graph.tensors[node.inputs[0]].quant.zero_point
@@ -253,6 +254,8 @@ class _ConvLayer(_Layer):
                         w_slot=(w_loads - 1) % 2, fresh=fresh))
         self.n_items = len(self.items)
         self.w_slot_rows = (self.spad["w"][1] // 2) if not plan.resident else 0
+        self.mt = align(plan.oh_t * plan.ow_t, cfg.rows)       # slot stride (aligned)
+        self.blk_stride = align(plan.block_rows, cfg.rows)
 
     # Block geometry of a tile ---------------------------------------------------------------
     def _block(self, tile: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -267,19 +270,17 @@ class _ConvLayer(_Layer):
         return br, bc, oy0 * p.sy - p.pads[0], ox0 * p.sx - p.pads[1]
 
     def _blk_base(self, it: dict[str, Any]) -> int:
-        return self.spad["in"][0] + it["blk_slot"] * self.plan.block_rows
+        return self.spad["in"][0] + it["blk_slot"] * self.blk_stride
 
     def _chunks(self, kg: int) -> list[int]:
         g = self.plan.chunks_per_group
         return list(range(kg * g, min(self.plan.cj, (kg + 1) * g)))
 
     def _acc(self, it: dict[str, Any]) -> int:
-        mt = self.plan.oh_t * self.plan.ow_t
-        return self.acc["acc"][0] + (it["sm"] % 2) * mt
+        return self.acc["acc"][0] + (it["sm"] % 2) * self.mt
 
     def _out(self, it: dict[str, Any], base: str = "out") -> int:
-        mt = self.plan.oh_t * self.plan.ow_t
-        return self.spad[base][0] + (it["sm"] % 2) * mt
+        return self.spad[base][0] + (it["sm"] % 2) * self.mt
 
     def _par(self, it: dict[str, Any]) -> int:
         if self.plan.params_resident or self.plan.kind == "avgpool":
@@ -310,7 +311,7 @@ class _ConvLayer(_Layer):
                    dst=self.spad["w"][0] + it["w_slot"] * self.w_slot_rows,
                    dst_stride_outer=r if nt > 1 else 0)
         if i == 0 and (p.params_resident or p.kind == "avgpool"):
-            rows = self.acc["par"][1]
+            rows = self.par_rows
             s.load(dram_addr=self.par_dram, n_inner=rows, dram_stride_inner=acc_row_bytes,
                    row_bytes=acc_row_bytes, dst=self.acc["par"][0], mem=1)
         elif not (p.params_resident or p.kind == "avgpool") and it["first"]:
@@ -319,16 +320,14 @@ class _ConvLayer(_Layer):
                    dst=self._par(it), mem=1)
 
     def lda(self, i: int) -> None:
-        s, p = self.s, self.plan
         it = self.items[i]
         if it["load_block"]:
             self._load_input(it)
         if it["last"]:
             b, oy0, th, ox0, tw = it["tile"]
             for k, v in enumerate(self.ops):
-                _load_tile(s, v, self.cfg, self._out(it, f"op{k}"), b, oy0, th, ox0, tw,
+                _load_tile(self.s, v, self.cfg, self._out(it, f"op{k}"), b, oy0, th, ox0, tw,
                            it["m"])
-        _ = p
 
     def _load_input(self, it: dict[str, Any]) -> None:
         s, p, r, v = self.s, self.plan, self.cfg.rows, self.x
@@ -439,6 +438,8 @@ class _MaxPoolLayer(_Layer):
         self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
         self.items = [(t, j) for t in self.plan.spatial_tiles() for j in range(self.plan.cj)]
         self.n_items = len(self.items)
+        self.in_stride = align(self.plan.br * self.plan.bc, cfg.rows)
+        self.mt = align(self.plan.oh_t * self.plan.ow_t, cfg.rows)
 
     def _geom(self, i: int) -> tuple[int, int, int, int]:
         p = self.plan
@@ -453,19 +454,18 @@ class _MaxPoolLayer(_Layer):
     def lda(self, i: int) -> None:
         (b, oy0, th, ox0, tw), j = self.items[i]
         br, bc, iy0, ix0 = self._geom(i)
-        p = self.plan
         _load_block(self.s, self.x, self.cfg, b, iy0, ix0, br, bc, [j],
-                    self._slot("in", i, p.br * p.bc), INT8_MIN)
+                    self._slot("in", i, self.in_stride), INT8_MIN)
         for k, v in enumerate(self.ops):
-            _load_tile(self.s, v, self.cfg, self._slot(f"op{k}", i, p.oh_t * p.ow_t), b, oy0,
+            _load_tile(self.s, v, self.cfg, self._slot(f"op{k}", i, self.mt), b, oy0,
                        th, ox0, tw, j)
 
     def vx(self, i: int) -> None:
         s, p = self.s, self.plan
         (_, _, th, _, tw), _ = self.items[i]
         br, bc, _, _ = self._geom(i)
-        blk = self._slot("in", i, p.br * p.bc)
-        out = self._slot("out", i, p.oh_t * p.ow_t)
+        blk = self._slot("in", i, self.in_stride)
+        out = self._slot("out", i, self.mt)
         offs = [ky * p.dy * bc + kx * p.dx for ky in range(p.kh) for kx in range(p.kw)]
         so = p.sy * bc if th > 1 else 0
         first_b = offs[1] if len(offs) > 1 else offs[0]
@@ -480,14 +480,13 @@ class _MaxPoolLayer(_Layer):
         for step in self.steps:
             b = out
             if step.other is not None:
-                b = self._slot(f"op{k}", i, p.oh_t * p.ow_t)
+                b = self._slot(f"op{k}", i, self.mt)
                 k += 1
             _eltwise(s, step, out, b, out, th * tw)
 
     def st(self, i: int) -> None:
         (b, oy0, th, ox0, tw), j = self.items[i]
-        p = self.plan
-        _store_tile(self.s, self.y, self.cfg, self._slot("out", i, p.oh_t * p.ow_t), b, oy0,
+        _store_tile(self.s, self.y, self.cfg, self._slot("out", i, self.mt), b, oy0,
                     th, ox0, tw, j)
 
 
@@ -504,7 +503,7 @@ class _EltLayer(_Layer):
         self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
         self.items = [(t, j) for t in self.plan.spatial_tiles() for j in range(self.plan.cj)]
         self.n_items = len(self.items)
-        self.mt = self.plan.oh_t * self.plan.ow_t
+        self.mt = align(self.plan.oh_t * self.plan.ow_t, cfg.rows)
         # An identity copy needs no vector work: store straight from the loaded tile.
         self.passthrough = not self.steps
 
@@ -564,13 +563,13 @@ class _GatherLayer(_Layer):
         i0, nb, j = self.items[i]
         r, p = self.cfg.rows, self.plan
         self.s.gather(dram_addr=self.table_addr + j * r, index_addr=self.idx_addr + 4 * i0,
-                      row_stride=p.width, dst=self.spad["g"][0] + (i % 2) * p.block, n=nb,
+                      row_stride=p.width, dst=self.spad["g"][0] + (i % 2) * align(p.block, r), n=nb,
                       row_bytes=min(r, p.width - j * r), table_bytes=self.table_bytes)
 
     def st(self, i: int) -> None:
         i0, nb, j = self.items[i]
         r, p = self.cfg.rows, self.plan
-        self.s.store(src=self.spad["g"][0] + (i % 2) * p.block, n_inner=nb,
+        self.s.store(src=self.spad["g"][0] + (i % 2) * align(p.block, r), n_inner=nb,
                      row_bytes=min(r, p.width - j * r), dram_addr=self.y.addr(0, 0, i0, j * r),
                      dram_stride_inner=self.y.px)
 
@@ -621,7 +620,7 @@ def _disjoint(nxt: Node, cur: Node) -> bool:
 def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = None) -> Program:
     """Build the program of one segment."""
     dram_bytes = int(seg.stats["dram_bytes"])
-    s = Stream(cfg, dram_bytes)
+    s = Stream(cfg, dram_bytes, int(seg.stats.get("const_end", 0)))
     layers: list[tuple[Node, _Layer]] = []
     for name in seg.nodes:
         node = graph.node(name)

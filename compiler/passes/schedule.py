@@ -53,34 +53,41 @@ def avg_divisors(plan: ConvPlan, count_include_pad: int) -> np.ndarray:
     return ys[:, None] * xs[None, :]
 
 
+def align(x: int, a: int) -> int:
+    """``x`` rounded up to a multiple of ``a`` (slots start on hazard-tracking blocks)."""
+    return -(-x // a) * a
+
+
 def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
                                                        list[tuple[str, int]]]:
-    """(SPAD regions, ACC regions) a node needs, as (name, rows) lists."""
+    """(SPAD regions, ACC regions) a node needs, as (name, rows) lists. Every slot is
+    rounded up to a multiple of ``cols`` rows, the hazard-tracking block."""
     plan = node.plan
     r = cfg.rows
     operands = [s for s in node.attrs.get("epilogue", []) if s.other is not None]
     if isinstance(plan, ConvPlan):
-        mt = plan.oh_t * plan.ow_t
+        mt = align(plan.oh_t * plan.ow_t, r)
         if plan.resident:
             w_rows = max(1, len(plan.tiles)) * r
         else:
             per = max(sum(1 for _, t in lst if t >= 0) for lst in plan.seq.values())
             w_rows = 2 * max(1, per) * r
-        spad = [("in", plan.in_slots * plan.block_rows), ("w", w_rows), ("out", 2 * mt)]
+        spad = [("in", plan.in_slots * align(plan.block_rows, r)), ("w", w_rows),
+                ("out", 2 * mt)]
         spad += [(f"op{i}", 2 * mt) for i in range(len(operands))]
         if plan.kind == "avgpool":
             ndiv = len(np.unique(avg_divisors(plan, node.attrs.get("count_include_pad", 0))))
             par = VECTOR_PARAM_ROWS * ndiv
         else:
             par = VECTOR_PARAM_ROWS * (plan.coc if plan.params_resident else 2)
-        return spad, [("acc", 2 * mt), ("par", par)]
+        return spad, [("acc", 2 * mt), ("par", align(par, r))]
     if isinstance(plan, PoolPlan):
-        mt = plan.oh_t * plan.ow_t
-        spad = [("in", 2 * plan.br * plan.bc), ("out", 2 * mt)]
+        mt = align(plan.oh_t * plan.ow_t, r)
+        spad = [("in", 2 * align(plan.br * plan.bc, r)), ("out", 2 * mt)]
         spad += [(f"op{i}", 2 * mt) for i in range(len(operands))]
         return spad, []
     if isinstance(plan, EltPlan):
-        mt = plan.oh_t * plan.ow_t
+        mt = align(plan.oh_t * plan.ow_t, r)
         spad = [("a", 2 * mt)]
         if node.op == "add":
             spad.append(("b", 2 * mt))
@@ -88,18 +95,19 @@ def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
         spad += [(f"op{i}", 2 * mt) for i in range(len(operands) - (node.op == "add"))]
         return spad, []
     if isinstance(plan, GatherPlan):
-        return [("g", 2 * plan.block)], []
+        return [("g", 2 * align(plan.block, r))], []
     return [], []
 
 
 def _place(regions: list[tuple[str, int]], size: int, top: bool, what: str,
-           node: Node) -> dict[str, tuple[int, int]]:
+           node: Node, blk: int) -> dict[str, tuple[int, int]]:
+    regions = [(name, align(n, blk)) for name, n in regions]
     total = sum(n for _, n in regions)
     if total > size:
         raise CompileError(f"needs {total} {what} rows, the machine has {size}", node.name,
                            node.onnx_op)
     out: dict[str, tuple[int, int]] = {}
-    pos = size - total if top else 0
+    pos = (size - total) // blk * blk if top else 0
     for name, n in regions:
         out[name] = (pos, n)
         pos += n
@@ -116,7 +124,8 @@ def schedule(graph: Graph, config: NPUConfig) -> Graph:
             if not spad and not acc:
                 continue
             top = bool(k % 2)
-            node.attrs["buffers"] = Buffers(_place(spad, config.spad_rows, top, "SPAD", node),
-                                            _place(acc, config.acc_rows, top, "ACC", node))
+            node.attrs["buffers"] = Buffers(
+                _place(spad, config.spad_rows, top, "SPAD", node, config.rows),
+                _place(acc, config.acc_rows, top, "ACC", node, config.rows))
             k += 1
     return graph

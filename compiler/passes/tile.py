@@ -43,6 +43,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _al(x: int, a: int) -> int:
+    """``x`` rounded up to a multiple of ``a`` (buffers are aligned to hazard blocks)."""
+    return _cdiv(x, a) * a
+
+
 @dataclass
 class ConvPlan:
     """How a ``conv`` or ``avgpool`` node runs (see the module doc)."""
@@ -252,30 +257,27 @@ def _sequences(plan: ConvPlan, all_tiles: np.ndarray) -> None:
     """Fill plan.seq/tiles: nonzero tiles per (m, kg), consecutive duplicates dropped."""
     nk = len(plan.ktiles)
     nonzero = all_tiles.reshape(plan.coc, nk, -1).any(axis=2)
+    nonzero[~nonzero.any(axis=1), 0] = True   # an all-zero chunk still writes its ACC rows
     group_of = np.array([j // plan.chunks_per_group for (_, _, j) in plan.ktiles])
-    kept: list[np.ndarray] = []
-    seq: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    prev: np.ndarray | None = None
+    # Emission order: m, then K group, then ktile.
+    order_m, order_k = [], []
     for m in range(plan.coc):
         ks = np.flatnonzero(nonzero[m])
-        if len(ks) == 0:
-            ks = np.array([0])          # an all-zero chunk still has to write its ACC rows
-        for kg in range(plan.kgroups):
-            sel = ks[group_of[ks] == kg]
-            if len(sel) == 0:
-                continue
-            lst = []
-            for k in sel:
-                t = all_tiles[m, k]
-                if prev is not None and np.array_equal(t, prev):
-                    lst.append((int(k), -1))     # -1: reuse the active weight bank
-                    continue
-                kept.append(t)
-                lst.append((int(k), len(kept) - 1))
-                prev = t
-            seq[(m, kg)] = lst
+        ks = ks[np.argsort(group_of[ks], kind="stable")]
+        order_m.append(np.full(len(ks), m))
+        order_k.append(ks)
+    om = np.concatenate(order_m)
+    ok = np.concatenate(order_k)
+    flat = all_tiles[om, ok]                                   # [n, rows, cols] in order
+    dup = np.zeros(len(om), dtype=bool)
+    if len(om) > 1:
+        dup[1:] = (flat[1:] == flat[:-1]).reshape(len(om) - 1, -1).all(axis=1)
+    tile_id = np.cumsum(~dup) - 1
+    plan.tiles = np.ascontiguousarray(flat[~dup])
+    seq: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for m, k, d, t in zip(om.tolist(), ok.tolist(), dup.tolist(), tile_id.tolist()):
+        seq.setdefault((m, int(group_of[k])), []).append((k, -1 if d else t))
     plan.seq = seq
-    plan.tiles = np.stack(kept) if kept else np.zeros((0,) + all_tiles.shape[2:], np.int8)
 
 
 def _block_dims(mode: str, oh_t: int, ow_t: int, p: dict[str, int]) -> tuple[int, int]:
@@ -336,8 +338,8 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
         oh_t = _cdiv(oh, n_sp)
         for ow_t in _col_tiles(ow, (acc_total - 6) // 2 // max(oh_t, 1)):
             mt = oh_t * ow_t
-            params_res = 2 * mt + 3 * coc <= acc_total
-            if 2 * mt + 6 > acc_total or mt < 1:
+            params_res = 2 * _al(mt, r) + _al(3 * coc, r) <= acc_total
+            if 2 * _al(mt, r) + _al(6, r) > acc_total or mt < 1:
                 continue
             br, bc = _block_dims(mode, oh_t, ow_t, p)
             if br > 4095 or bc > 65535:
@@ -352,10 +354,10 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
                 per_group = np.zeros((coc, ngroups), dtype=np.int64)
                 np.add.at(per_group, (slice(None), j_of // g), nonzero.astype(np.int64))
                 w_rows_item = (1 if kind == "avgpool" else int(per_group.max())) * r
-                fixed = 2 * mt * (1 + extra_operands)
+                fixed = 2 * _al(mt, r) * (1 + extra_operands)
                 for resident in (True, False):
                     wr = w_rows_total if resident else 2 * w_rows_item
-                    need = in_slots * block + wr + fixed
+                    need = in_slots * _al(block, r) + wr + fixed + 4 * r  # + region rounding
                     if need > spad_budget:
                         continue
                     n_mm = int(nonzero.sum()) * n_sp_tiles
@@ -474,7 +476,7 @@ def plan_maxpool(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> 
         for ow_t in _col_tiles(ow, min(4095, limit // max(oh_t, 1))):
             br = (oh_t - 1) * sy + (kh - 1) * dy + 1
             bc = (ow_t - 1) * sx + (kw - 1) * dx + 1
-            need = 2 * br * bc + 2 * oh_t * ow_t
+            need = 2 * _al(br * bc, cfg.rows) + 2 * _al(oh_t * ow_t, cfg.rows) + 2 * cfg.rows
             if need <= spad_budget and oh_t <= 4095 and ow_t <= 4095:
                 best = PoolPlan(n, h, w, c, oh, ow, kh, kw, sy, sx, dy, dx, pads, cj, oh_t,
                                 ow_t, br, bc)
@@ -490,7 +492,7 @@ def plan_eltwise(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> 
     y = graph.tensors[node.outputs[0]]
     n, h, w, c = geometry(y)
     operands = 2 if node.op == "add" else 1
-    limit = max(1, min(4095 * 4095, spad_budget // (2 * (operands + 1))))
+    limit = max(1, min(4095 * 4095, spad_budget // (2 * (operands + 1)) - 2 * cfg.rows))
     ow_t = min(w, 4095, limit)
     oh_t = max(1, min(h, 4095, limit // ow_t))
     return EltPlan(n, h, w, c, _cdiv(c, cfg.rows), oh_t, ow_t)

@@ -10,8 +10,9 @@ from onnx import numpy_helper
 from npu.models import light
 from npu.models._onnx import ModelError
 
-FAST = ("squeezenet", "shufflenet", "inception_v1")
-SLOW = ("resnet50", "densenet121", "inception_v2", "bvlc_alexnet", "vgg19", "zfnet512")
+FAST = ("squeezenet", "shufflenet")
+SLOW = ("resnet50", "inception_v1", "densenet121", "inception_v2", "bvlc_alexnet", "vgg19",
+        "zfnet512")
 
 
 def _check(name: str, ort_session) -> None:
@@ -38,7 +39,11 @@ def _check(name: str, ort_session) -> None:
     assert all(np.isfinite(o).all() for o in outs)
     if softmax:
         np.testing.assert_allclose(outs[0].sum(), 1.0, atol=1e-4)
-    assert 0.05 < outs[-1].std() < 20
+        # Scaled to std 2 on the calibration image; another image lands near that.
+        assert 1.0 < outs[-1].std() < 6.0
+        assert outs[0].max() < 0.9  # not one-hot
+    else:
+        assert 0.05 < outs[-1].std() < 20
 
 
 @pytest.mark.parametrize("name", FAST)

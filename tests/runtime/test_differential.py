@@ -88,17 +88,17 @@ CHUNK = 150
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("chunk", range(4))
+@pytest.mark.parametrize("chunk", range(5))
 def test_random_programs_agree(config: str, chunk: int) -> None:
-    """4 x 150 random programs of 1..60 instructions per config (1200 in all)."""
+    """5 x 150 random programs of 1..60 instructions per config (1500 in all)."""
     bad = _random_batch(config, range(chunk * CHUNK, (chunk + 1) * CHUNK), 60)
     assert not bad, "\n".join(bad[:10])
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fault_programs_agree(config: str) -> None:
-    """150 programs per config faulting in every way (code, cycle and index agree)."""
-    bad = _fault_batch(config, range(10_000, 10_150))
+    """200 programs per config faulting in every way (code, cycle and index agree)."""
+    bad = _fault_batch(config, range(10_000, 10_200))
     assert not bad, "\n".join(bad[:10])
 
 

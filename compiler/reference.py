@@ -1,0 +1,177 @@
+"""A numpy interpreter of the IR: what every NPU node means, independent of the programs.
+
+It is the oracle the compiled programs are tested against (they must agree bit for bit on
+every tensor), and, node by node with onnxruntime's own inputs, the check that the IR's integer
+arithmetic is onnxruntime's QDQ arithmetic. Integer sums are computed with float64 matrix
+products (exact: |sum| < 2**53 for any int8 layer this compiler takes) so a whole ResNet-50
+runs in seconds.
+
+NPU tensors are held channel-last ``(N, H, W, C)`` (:func:`npu.compiler.ir.geometry`); host
+tensors in ONNX layout, as in the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from npu import numerics
+from npu.compiler.errors import CompileError
+from npu.compiler.ir import CHANNEL_LAST, Graph, Node, Step, Tensor, geometry
+from npu.compiler.qmath import multipliers
+
+__all__ = ["run_graph", "eval_node", "to_nhwc", "from_nhwc"]
+
+
+def to_nhwc(value: np.ndarray, t: Tensor) -> np.ndarray:
+    """ONNX-layout int8 tensor -> (N, H, W, C)."""
+    arr = np.asarray(value)
+    if t.layout == CHANNEL_LAST and arr.ndim >= 3:
+        arr = np.moveaxis(arr, 1, -1)
+    return arr.reshape(geometry(t))
+
+
+def from_nhwc(value: np.ndarray, t: Tensor) -> np.ndarray:
+    """(N, H, W, C) -> ONNX layout."""
+    n, h, w, c = geometry(t)
+    arr = np.asarray(value).reshape(n, h, w, c)
+    if t.layout == CHANNEL_LAST and len(t.shape) >= 3:
+        arr = np.moveaxis(arr.reshape((n, w, c) if len(t.shape) == 3 else (n, h, w, c)), -1, 1)
+    return arr.reshape(t.shape)
+
+
+def _steps(y: np.ndarray, steps: list[Step], env: Mapping[str, np.ndarray]) -> np.ndarray:
+    for st in steps:
+        b = env[st.other].astype(np.int64) if st.other is not None else y
+        y = numerics.eltwise_add(y, b, st.a_zero, st.b_zero, st.a_mult, st.b_mult, st.shift,
+                                 st.zero_point, st.clamp_min, st.clamp_max).astype(np.int64)
+    return y
+
+
+def _windows(x: np.ndarray, a: dict[str, Any], fill: int, oh: int, ow: int):
+    """Yield (ky, kx, patch [N, oh, ow, C]) of a padded input."""
+    pt, pl, pb, pr = a["pads"]
+    kh, kw = a["kernel"]
+    sy, sx = a["strides"]
+    dy, dx = a["dilations"]
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    for ky in range(kh):
+        for kx in range(kw):
+            y0, x0 = ky * dy, kx * dx
+            yield ky, kx, xp[:, y0:y0 + sy * (oh - 1) + 1:sy, x0:x0 + sx * (ow - 1) + 1:sx, :]
+
+
+def _conv(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    a = node.attrs
+    _, oh, ow, cout = out_shape
+    zx = graph.tensors[node.inputs[0]].quant.zero_point
+    w = a["weight"].astype(np.float64)            # [Cout, Cin/g, KH, KW]
+    g = int(a.get("group", 1))
+    cig, cog = w.shape[1], cout // g
+    acc = np.zeros((x.shape[0], oh, ow, cout), dtype=np.float64)
+    xf = x.astype(np.float64)
+    for ky, kx, patch in _windows(xf, a, zx, oh, ow):
+        for gi in range(g):
+            acc[..., gi * cog:(gi + 1) * cog] += \
+                patch[..., gi * cig:(gi + 1) * cig] @ w[gi * cog:(gi + 1) * cog, :, ky, kx].T
+    acc = np.rint(acc).astype(np.int64)
+    lo, hi = a.get("clamp", (-128, 127))
+    return numerics.requantize(acc, a["bias"], a["mult"], a["shift"], a["zero_point"], lo,
+                               hi).astype(np.int64)
+
+
+def _avgpool(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    from npu.compiler.passes.schedule import avg_divisors
+
+    a = node.attrs
+    _, oh, ow, c = out_shape
+    xq = graph.tensors[node.inputs[0]].quant
+    yq = graph.tensors[node.outputs[0]].quant
+    acc = np.zeros((x.shape[0], oh, ow, c), dtype=np.int64)
+    for _, _, patch in _windows(x.astype(np.int64), a, xq.zero_point, oh, ow):
+        acc += patch
+    kh, kw = a["kernel"]
+    acc -= kh * kw * xq.zero_point
+
+    class _P:  # the fields avg_divisors reads
+        pass
+
+    p = _P()
+    n, h, w, _ = x.shape
+    p.oh, p.ow, p.h, p.w, p.kh, p.kw = oh, ow, h, w, kh, kw
+    p.sy, p.sx = a["strides"]
+    p.dy, p.dx = a["dilations"]
+    p.pads = a["pads"]
+    divs = avg_divisors(p, a.get("count_include_pad", 0))   # type: ignore[arg-type]
+    out = np.zeros_like(acc)
+    lo, hi = a.get("clamp", (-128, 127))
+    for d in np.unique(divs):
+        scale = np.float32(xq.scale) / (np.float32(yq.scale) * np.float32(d))
+        mult, shift = multipliers(np.array([scale], np.float32), node.name)
+        sel = divs == d
+        out[:, sel] = numerics.requantize(acc[:, sel], 0, mult[0], shift[0], yq.zero_point, lo,
+                                          hi)
+    return out
+
+
+def _maxpool(node: Node, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    _, oh, ow, c = out_shape
+    out = np.full((x.shape[0], oh, ow, c), numerics.INT8_MIN, dtype=np.int64)
+    for _, _, patch in _windows(x.astype(np.int64), node.attrs, numerics.INT8_MIN, oh, ow):
+        out = np.maximum(out, patch)
+    return out
+
+
+def eval_node(graph: Graph, node: Node, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of one NPU node from channel-last int inputs in ``env`` (int64 arrays)."""
+    out_t = graph.tensors[node.outputs[0]]
+    shape = geometry(out_t)
+    steps = node.attrs.get("epilogue", [])
+    if node.op == "conv":
+        y = _conv(node, graph, env[node.inputs[0]], shape)
+    elif node.op == "avgpool":
+        y = _avgpool(node, graph, env[node.inputs[0]], shape)
+    elif node.op == "maxpool":
+        y = _maxpool(node, env[node.inputs[0]], shape)
+    elif node.op in ("add", "clamp", "copy"):
+        y = env[node.inputs[0]].astype(np.int64)
+    elif node.op == "reshape":
+        return {node.outputs[0]: env[node.inputs[0]].reshape(shape)}
+    elif node.op == "concat":
+        return {node.outputs[0]: np.concatenate([env[i] for i in node.inputs], axis=-1)}
+    elif node.op == "gather":
+        table = np.asarray(graph.tensors[node.inputs[0]].data).astype(np.int64)
+        idx = np.asarray(env[node.inputs[1]]).astype(np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + table.shape[0], idx)
+        return {node.outputs[0]: table[idx].reshape(shape)}
+    else:
+        raise CompileError(f"no reference for IR op {node.op}", node.name, node.onnx_op)
+    return {node.outputs[0]: _steps(y, steps, env).reshape(shape)}
+
+
+def run_graph(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every tensor of the model for ``feeds``, in ONNX layout (like ``session.tensors``)."""
+    from npu.compiler.session import _HostOp
+
+    env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
+    for t in graph.tensors.values():
+        if t.is_const:
+            env[t.name] = np.asarray(t.data)
+    nhwc: dict[str, np.ndarray] = {}
+    for node in graph.nodes:
+        if node.device == "host":
+            env.update(_HostOp(node, graph)(env))
+            continue
+        for name in node.inputs + [s.other for s in node.attrs.get("epilogue", [])
+                                   if s.other is not None]:
+            if name not in nhwc and name in env:
+                t = graph.tensors[name]
+                nhwc[name] = env[name].astype(np.int64) if node.op == "gather" and \
+                    name == node.inputs[1] else to_nhwc(env[name], t).astype(np.int64)
+        for name, value in eval_node(graph, node, nhwc).items():
+            nhwc[name] = value
+            t = graph.tensors[name]
+            env[name] = from_nhwc(value, t).astype(np.int8)
+    return env

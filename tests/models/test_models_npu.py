@@ -1,0 +1,91 @@
+"""Every model through the NPU (compiler + cycle-level simulator) against onnxruntime, and the
+three accuracy checks of issue 7: digits, NeRF render, karate club."""
+
+from __future__ import annotations
+
+import pytest
+
+from npu.models import checks, nerf
+from npu.models.zoo import MODELS, calibration_data
+
+pytest.importorskip("npu.compiler.session")
+
+# Known compiler gaps (issue 6), reported; these flip to XPASS when fixed.
+_GAPS = {
+    "nerf_encoding": "compiler: emit fails storing the in-graph encoding (zero-size tile)",
+    "nerf_scene": "compiler: emit fails storing the in-graph encoding (zero-size tile)",
+    "instant_ngp_mlp": "compiler: Slice + Concat of a Gemm output loses a quantized tensor",
+    "graphsage_karate": "compiler: GATHER faults ADDRESS_OUT_OF_RANGE on valid indices",
+    "graphsage_sbm": "compiler: GATHER faults ADDRESS_OUT_OF_RANGE on valid indices",
+    "gcn_sbm": "compiler: constant folding of a Constant with sparse_value",
+    "gin_sbm": "compiler: constant folding of a Constant with sparse_value",
+}
+_FAST = ["digits_cnn", "mlp_784", "gaussian_blur", "moving_average", "nerf", "nerf_encoding",
+         "nerf_scene", "instant_ngp_mlp", "gcn_karate", "graphsage_karate", "gin_karate"]
+_SLOW = [n for n in MODELS if n not in _FAST]
+
+
+def _param(name: str):
+    marks = [pytest.mark.xfail(reason=_GAPS[name], strict=False)] if name in _GAPS else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+def _agree(name: str) -> checks.Agreement:
+    sess = checks._session(MODELS[name](), "npu16", calibration_data(name, 4))
+    feeds = calibration_data(name, 5, seed=1)[-1]  # not one of the calibration inputs
+    return checks.int8_agreement(sess, feeds)
+
+
+def _assert_agree(name: str) -> None:
+    agreement = _agree(name)
+    print(f"{name}: NPU vs onnxruntime int8 identical {agreement.identical:.4f}, "
+          f"max difference {agreement.max_diff}")
+    assert agreement.identical >= 0.98, agreement
+    assert agreement.max_diff <= 3, agreement
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in _FAST])
+def test_npu_matches_onnxruntime(name: str) -> None:
+    _assert_agree(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [_param(n) for n in _SLOW])
+def test_npu_matches_onnxruntime_large(name: str) -> None:
+    _assert_agree(name)
+
+
+def test_digits_accuracy_on_the_npu() -> None:
+    r = checks.digits_check()
+    print(f"digits CNN test accuracy: float {r.float_accuracy:.4f}, NPU int8 "
+          f"{r.npu_accuracy:.4f} ({r.n_images} images)")
+    assert r.n_images == 359
+    assert r.float_accuracy >= 0.96
+    assert abs(r.npu_accuracy - r.float_accuracy) <= 0.01
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gin", pytest.param(
+    "sage", marks=pytest.mark.xfail(reason=_GAPS["graphsage_karate"], strict=False))])
+def test_karate_predictions_on_the_npu(kind: str) -> None:
+    r = checks.karate_check(kind)
+    print(f"{kind} karate: NPU/float agreement {r.agreement:.4f}, accuracy float "
+          f"{r.float_accuracy:.4f} NPU {r.npu_accuracy:.4f}")
+    assert r.agreement >= 0.97
+
+
+def test_nerf_render_on_the_npu_small_view() -> None:
+    """A reduced 32x32 view for the fast suite (the 100x100 one is slow)."""
+    r = checks.nerf_check(size=32, batch=4096)
+    print(f"NeRF 32x32: PSNR NPU vs float {r.psnr_npu_vs_float:.2f} dB")
+    assert r.psnr_npu_vs_float >= 30.0
+
+
+@pytest.mark.slow
+def test_nerf_render_on_the_npu(tmp_path) -> None:
+    r = checks.nerf_check(size=100)
+    print(f"NeRF 100x100 ({r.n_points} points, {r.runs} NPU runs): PSNR NPU vs float "
+          f"{r.psnr_npu_vs_float:.2f} dB, float vs truth {r.psnr_float_vs_truth:.2f} dB, "
+          f"NPU vs truth {r.psnr_npu_vs_truth:.2f} dB")
+    assert r.psnr_npu_vs_float >= 30.0
+    for name, img in (("npu", r.npu_image), ("float", r.float_image)):
+        assert nerf.save_png(tmp_path / f"nerf_{name}.png", img).stat().st_size > 1000
