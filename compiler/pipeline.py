@@ -58,6 +58,7 @@ class CompiledModel:
     config: NPUConfig
     qdq_model: onnx.ModelProto
     timings: dict[str, float] = field(default_factory=dict)
+    saved_report: str = ""     # the report text of a model loaded from .npub files
 
     @property
     def programs(self) -> list[Program]:
@@ -86,6 +87,8 @@ class CompiledModel:
 
     def report_text(self) -> str:
         """The report as a readable table."""
+        if self.saved_report:
+            return self.saved_report
         rep = self.report()
         lines = [f"model {rep['model']} for {rep['config']}: {len(rep['segments'])} NPU "
                  f"segment(s), {len(rep['host_fallbacks'])} host fallback node(s)"]
