@@ -45,6 +45,14 @@ def constant_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]
     m.graph.input.extend(keep)
     m.graph.initializer.extend(numpy_helper.from_array(np.asarray(values[n]), n)
                                for n in sorted(names))
+    # Inputs declared with dynamic dimensions take the shape of the given data.
+    for inp in m.graph.input:
+        if inp.name in values:
+            dims = inp.type.tensor_type.shape.dim
+            for d, size in zip(dims, np.asarray(values[inp.name]).shape):
+                if not d.HasField("dim_value") or d.dim_value <= 0:
+                    d.Clear()
+                    d.dim_value = int(size)
     return m, {k: np.asarray(v) for k, v in values.items() if k not in names}
 
 
@@ -72,6 +80,7 @@ class NpuBackend(Backend):
                 ) -> NpuBackendRep:
         config = kwargs.pop("config", "npu16")
         calibration = kwargs.pop("calibration", None)
+        kwargs.setdefault("quantize_all", True)   # single ops: quantize whatever is there
         return NpuBackendRep(InferenceSession(model, config, calibration, **kwargs))
 
     @classmethod

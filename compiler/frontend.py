@@ -12,7 +12,8 @@ Steps (each a small function, all run by :func:`prepare_model`):
    initializers; Quantize/DequantizeLinear are never folded (the compiler reads them);
 5. :func:`fold_batchnorm`: a BatchNormalization after a Conv is folded into its weights;
 6. :func:`infer_shapes`: ONNX shape inference (strict), then every node output must have a
-   static shape.
+   static shape;
+7. :func:`normalize_gemm_bias`: row-broadcast Gemm biases become plain vectors.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from npu.compiler.errors import CompileError
 
 __all__ = ["MIN_OPSET", "MAX_OPSET", "ModelSource", "load_model", "check_opsets",
            "bind_static_shapes", "remove_identities", "fold_constants", "fold_batchnorm",
-           "infer_shapes", "prepare_model", "constants", "value_shapes", "node_label",
-           "graph_inputs"]
+           "infer_shapes", "normalize_gemm_bias", "prepare_model", "constants", "value_shapes",
+           "node_label", "graph_inputs"]
 
 #: Oldest default-domain opset accepted (the model-zoo light models are opset 9).
 MIN_OPSET = 9
@@ -343,6 +344,35 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def normalize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every Gemm with a constant bias that broadcasts along the rows (shape [], [1],
+    [N] or [1, N]) a plain [N] bias, in place: the same values, the shape onnxruntime's
+    quantizer handles (it fails on [1, N] and scalar biases with per-channel weights)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = value_shapes(model)
+    for idx, node in enumerate(graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        out = shapes.get(node.output[0])
+        if out is None or len(out) != 2:
+            continue
+        c = numpy_helper.to_array(inits[node.input[2]])
+        n = out[1]
+        if c.shape == (n,) or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+            continue
+        beta = float(_attr(node, "beta", 1.0))
+        name = f"{node.input[2]}__vector_{node_label(node, idx)}"
+        vec = np.broadcast_to(c.reshape(-1), (n,)).astype(c.dtype) * np.array(beta, c.dtype)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(vec), name))
+        node.input[2] = name
+        for a in node.attribute:
+            if a.name == "beta":
+                a.f = 1.0
+    _drop_unused_initializers(model)
+    return model
+
+
 def infer_shapes(model: onnx.ModelProto, require_static: bool = True) -> onnx.ModelProto:
     """ONNX shape inference (strict); with ``require_static`` every node output must be static.
 
@@ -382,6 +412,7 @@ def prepare_model(source: ModelSource, batch: int | None = None) -> onnx.ModelPr
     fold_constants(model)
     fold_batchnorm(model)
     model = infer_shapes(model)
+    normalize_gemm_bias(model)
     return model
 
 

@@ -125,6 +125,8 @@ class Tensor:
     data: np.ndarray | None = None          # constants
     view_of: tuple[str, int] | None = None  # (base tensor, channel offset): a concat view
     alias_of: str | None = None             # same bytes as this tensor (a reshape)
+    split: int | None = None                # ROWS layout: axes [0, split) are rows
+    view_stride: int | None = None          # a view's own pixel stride (generic concat)
     place: Placement | None = None
 
     @property
@@ -271,9 +273,8 @@ def geometry(t: Tensor) -> tuple[int, int, int, int]:
             return shape[0], 1, shape[2], shape[1]
     if not shape:
         return 1, 1, 1, 1
-    c = shape[-1]
-    rows = int(math.prod(shape[:-1])) if len(shape) > 1 else 1
-    return 1, 1, rows, c
+    k = len(shape) - 1 if t.split is None else t.split
+    return 1, 1, int(math.prod(shape[:k])), int(math.prod(shape[k:]))
 
 
 def dump(graph: Graph, title: str = "") -> str:

@@ -117,12 +117,14 @@ def _report_nodes(g: Graph) -> list[Any]:
 def compile_model(model: ModelSource, config: str | NPUConfig = "npu16",
                   calibration: Calibration | None = None, *, strict: bool = False,
                   batch: int | None = None, dump: Callable[[str, str], None] | None = None,
-                  progress: bool = False, observe: Any = ()) -> CompiledModel:
+                  progress: bool = False, observe: Any = (),
+                  quantize_all: bool = False) -> CompiledModel:
     """Compile an ONNX model (float + calibration, or QDQ) for ``config``.
 
     ``dump(pass_name, text)`` is called with the IR after every IR pass (``--dump-ir``);
     ``progress`` shows a progress bar over the emitted layers; ``observe`` names intermediate
-    tensors (or ``"all"``) the programs also store, for debugging.
+    tensors (or ``"all"``) the programs also store, for debugging; ``quantize_all`` makes
+    onnxruntime quantize every op type (see :func:`npu.compiler.quantize.quantize_model`).
     """
     cfg = get_config(config)
     timings: dict[str, float] = {}
@@ -131,7 +133,7 @@ def compile_model(model: ModelSource, config: str | NPUConfig = "npu16",
     timings["frontend"] = time.perf_counter() - t0
     if not is_qdq(prepared):
         t0 = time.perf_counter()
-        qdq = quantize_model(prepared, calibration)
+        qdq = quantize_model(prepared, calibration, all_ops=quantize_all)
         timings["quantize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         qdq = prepare_model(qdq)

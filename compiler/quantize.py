@@ -132,10 +132,13 @@ class _Reader:
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Calibration | None,
-                   *, per_channel: bool = True, preprocess: bool = True) -> onnx.ModelProto:
+                   *, per_channel: bool = True, preprocess: bool = True,
+                   all_ops: bool = False) -> onnx.ModelProto:
     """The QDQ model onnxruntime's ``quantize_static`` makes of ``model``.
 
     Already-QDQ models are returned unchanged. A float model needs ``calibration``.
+    ``all_ops`` asks onnxruntime to quantize every op type of the model, not only its default
+    list (single-operator models such as onnx's node tests need it).
     """
     if is_qdq(model):
         return model
@@ -150,13 +153,14 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration | None,
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # ORT's advice to pre-process: we do
     try:
-        return _quantize(model, reader, per_channel, preprocess)
+        op_types = sorted({n.op_type for n in model.graph.node}) if all_ops else None
+        return _quantize(model, reader, per_channel, preprocess, op_types)
     finally:
         root.setLevel(level)
 
 
 def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
-              preprocess: bool) -> onnx.ModelProto:
+              preprocess: bool, op_types: list[str] | None = None) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -176,6 +180,7 @@ def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
         try:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QInt8,
+                            op_types_to_quantize=op_types,
                             weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False,

@@ -26,7 +26,7 @@ __all__ = ["run_graph", "eval_node", "to_nhwc", "from_nhwc"]
 
 
 def to_nhwc(value: np.ndarray, t: Tensor) -> np.ndarray:
-    """ONNX-layout int8 tensor -> (N, H, W, C)."""
+    """ONNX-layout int8 tensor -> (N, H, W, C) (its DRAM order)."""
     arr = np.asarray(value)
     if t.layout == CHANNEL_LAST and arr.ndim >= 3:
         arr = np.moveaxis(arr, 1, -1)
@@ -136,13 +136,22 @@ def eval_node(graph: Graph, node: Node, env: dict[str, np.ndarray]) -> dict[str,
     elif node.op == "maxpool":
         y = _maxpool(node, env[node.inputs[0]], shape)
     elif node.op in ("add", "clamp", "copy"):
-        y = env[node.inputs[0]].astype(np.int64)
+        y = env[node.inputs[0]].astype(np.int64).reshape(shape)
     elif node.op == "reshape":
         return {node.outputs[0]: env[node.inputs[0]].reshape(shape)}
+    elif node.op == "reorder":       # same values, another byte order
+        t_in = graph.tensors[node.inputs[0]]
+        return {node.outputs[0]: to_nhwc(from_nhwc(env[node.inputs[0]], t_in), out_t)}
     elif node.op == "concat":
+        if node.attrs.get("generic", False):
+            parts = [from_nhwc(env[i], graph.tensors[i]) for i in node.inputs]
+            full = np.concatenate(parts, axis=node.attrs["axis"])
+            return {node.outputs[0]: to_nhwc(full, out_t)}
         return {node.outputs[0]: np.concatenate([env[i] for i in node.inputs], axis=-1)}
     elif node.op == "gather":
-        table = np.asarray(graph.tensors[node.inputs[0]].data).astype(np.int64)
+        t = graph.tensors[node.inputs[0]]
+        table = (np.asarray(t.data) if t.is_const else from_nhwc(env[t.name], t))
+        table = table.astype(np.int64).reshape(t.shape[0], -1)
         idx = np.asarray(env[node.inputs[1]]).astype(np.int64).reshape(-1)
         idx = np.where(idx < 0, idx + table.shape[0], idx)
         return {node.outputs[0]: table[idx].reshape(shape)}
@@ -159,19 +168,39 @@ def run_graph(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for t in graph.tensors.values():
         if t.is_const:
             env[t.name] = np.asarray(t.data)
-    nhwc: dict[str, np.ndarray] = {}
     for node in graph.nodes:
         if node.device == "host":
             env.update(_HostOp(node, graph)(env))
-            continue
-        for name in node.inputs + [s.other for s in node.attrs.get("epilogue", [])
-                                   if s.other is not None]:
-            if name not in nhwc and name in env:
-                t = graph.tensors[name]
-                nhwc[name] = env[name].astype(np.int64) if node.op == "gather" and \
-                    name == node.inputs[1] else to_nhwc(env[name], t).astype(np.int64)
-        for name, value in eval_node(graph, node, nhwc).items():
-            nhwc[name] = value
-            t = graph.tensors[name]
-            env[name] = from_nhwc(value, t).astype(np.int8)
+        else:
+            env.update(eval_onnx_layout(graph, node, env))
     return env
+
+
+def eval_onnx_layout(graph: Graph, node: Node, env: Mapping[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+    """:func:`eval_node` on ONNX-layout tensors (also how the host runs an IR node)."""
+    if node.op == "reshape":
+        return {node.outputs[0]: np.reshape(env[node.inputs[0]],
+                                            graph.tensors[node.outputs[0]].shape)}
+    nhwc: dict[str, np.ndarray] = {}
+    names = node.inputs + [s.other for s in node.attrs.get("epilogue", []) if s.other]
+    for name in names:
+        t = graph.tensors[name]
+        if t.is_const:
+            continue
+        if node.op == "gather" and name == node.inputs[1]:
+            nhwc[name] = np.asarray(env[name]).astype(np.int64)
+        else:
+            split = node.attrs.get("in_split") if name == node.inputs[0] else None
+            tt = t if split is None else _with_split(t, split)
+            nhwc[name] = to_nhwc(env[name], tt).astype(np.int64)
+    out = {}
+    for name, value in eval_node(graph, node, nhwc).items():
+        out[name] = from_nhwc(value, graph.tensors[name]).astype(np.int8)
+    return out
+
+
+def _with_split(t: Tensor, split: int) -> Tensor:
+    import dataclasses
+
+    return dataclasses.replace(t, split=split)

@@ -108,10 +108,8 @@ class _HostOp:
             self.out_dtype = graph.tensors[node.outputs[0]].dtype
             return
         if proto is None:
-            if node.op != "reshape":
-                raise CompileError(f"internal: no host implementation of {node.op}",
-                                   node.name, node.onnx_op)
-            self.shape = graph.tensors[node.outputs[0]].shape
+            # An IR node moved to the host: the reference semantics in numpy.
+            self.graph = graph
             return
         from onnx.reference import ReferenceEvaluator
 
@@ -138,7 +136,9 @@ class _HostOp:
         if self.qdq:
             return {node.outputs[0]: self._qdq(env)}
         if self.evaluator is None:
-            return {node.outputs[0]: np.reshape(env[node.inputs[0]], self.shape)}
+            from npu.compiler.reference import eval_onnx_layout
+
+            return eval_onnx_layout(self.graph, node, env)
         try:
             outs = self.evaluator.run(None, {k: env[k] for k in self.feed_names})
         except Exception as exc:
@@ -177,7 +177,7 @@ class InferenceSession:
     def __init__(self, model: ModelSource | CompiledModel, config: str | NPUConfig = "npu16",
                  calibration: Calibration | None = None, *, strict: bool = False,
                  batch: int | None = None, engine: str = "numba", validate: bool = False,
-                 progress: bool = False, observe: Any = (),
+                 progress: bool = False, observe: Any = (), quantize_all: bool = False,
                  providers: Sequence[str] | None = None) -> None:
         if isinstance(model, CompiledModel):
             self.compiled = model
@@ -186,7 +186,8 @@ class InferenceSession:
             self.compiled = load_bundle(model)
         else:
             self.compiled = compile_model(model, config, calibration, strict=strict,
-                                          batch=batch, progress=progress, observe=observe)
+                                          batch=batch, progress=progress, observe=observe,
+                                          quantize_all=quantize_all)
         self.engine = engine
         self.validate = validate
         self.graph = self.compiled.graph

@@ -88,7 +88,8 @@ def unit_of(word: Value) -> Value:
 
 
 def legal(word: Value) -> Value:
-    """1 when ``npu.isa.decode`` would accept the word."""
+    """1 when ``npu.isa.decode`` would accept the word: a known opcode, no reserved bit set,
+    enumerated fields within their maximum, token masks that do not name the own engine."""
     hdr = data.View(HEADER_LAYOUT, word)
     ok: Value = Const(0)
     for op in Opcode:
@@ -101,6 +102,10 @@ def legal(word: Value) -> Value:
             masks = (hdr.wait == 0) & (hdr.signal == 0)
         else:
             masks = ~(hdr.wait[int(eng)] | hdr.signal[int(eng)])
+        fields = view(op, word)
+        for name, f in isa.LAYOUTS[op].items():
+            if f.maximum is not None:          # enumerations narrower than their field
+                masks = masks & (fields[name] <= f.maximum)
         ok = ok | ((hdr.opcode == int(op)) & reserved & masks)
     return ok
 

@@ -26,7 +26,7 @@ from .control import StatusLayout
 from .dram import DRAM_ADDR_BITS, DRAMModel
 from .npu import NPU
 
-__all__ = ["NPUSimTop", "HWResult", "run", "TRACE_EVENTS"]
+__all__ = ["NPUSimTop", "HWResult", "Session", "session", "run", "TRACE_EVENTS"]
 
 #: Per-instruction trace memories; "never" reads as -1 in :class:`HWResult`.
 TRACE_EVENTS = ("dispatch", "ready", "start", "complete", "retire")
@@ -38,7 +38,7 @@ class NPUSimTop(wiring.Component):
 
     ``program`` is an ``(N, 4)`` uint64 instruction array, ``dram`` the initial DRAM bytes;
     ``dram_size`` (default: the next power of two holding ``dram``, at least 4 KiB) sizes the
-    model; ``trace_depth`` (default ``N``) is how many instructions the trace records.
+    model; ``trace_depth`` (default ``imem_depth``) is how many instructions the trace records.
     """
 
     def __init__(self, cfg: NPUConfig, *, program: Any = None, dram: Any = None,
@@ -51,7 +51,7 @@ class NPUSimTop(wiring.Component):
             dram_size = max(4096, cfg.dram_beat_bytes, 1 << max(dram_len - 1, 1).bit_length())
         self.npu = NPU(cfg, imem_init=program)
         self.dram = DRAMModel(cfg, dram_size, init=dram)
-        self.trace_depth = max(1, trace_depth if trace_depth is not None else n)
+        self.trace_depth = max(2, trace_depth if trace_depth is not None else cfg.imem_depth)
         self.traces = {ev: MemoryData(shape=CYCLE_BITS, depth=self.trace_depth,
                                       init=[_NEVER] * self.trace_depth) for ev in TRACE_EVENTS}
         super().__init__({
@@ -122,36 +122,82 @@ def _rows(ctx: Any, mem: MemoryData, dtype: str, n: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(n, -1).copy()
 
 
-def run(cfg: NPUConfig, program: Any, dram: Any = b"", *, dram_bytes: int | None = None,
-        dram_size: int | None = None, watchdog: int | None = None, max_cycles: int = 1_000_000,
-        read_memories: bool = True, small_imem: bool = True, vcd: str | None = None
-        ) -> HWResult:
-    """Run ``program`` (``(N, 4)`` uint64 words) on :class:`NPUSimTop` under Amaranth's simulator.
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << max(n - 1, 0).bit_length())
 
-    ``dram`` is the initial DRAM image; ``dram_bytes`` the DRAM size the program may address
-    (default ``len(dram)``; faults are checked against it); ``watchdog`` the cycle limit (default
-    the config's). ``small_imem`` shrinks the instruction memory to the program (a power of two
-    above its length), which speeds up simulation and changes nothing else. ``max_cycles``
-    bounds the simulation itself (a RuntimeError beyond it).
+
+class Session:
+    """A compiled :class:`NPUSimTop` that runs many programs (one Amaranth simulator, reset
+    between runs, memories loaded by the testbench), so that elaboration and simulator
+    compilation are paid once per configuration and size.
+
+    ``imem_depth`` (default the config's) and ``trace_depth`` bound the program length,
+    ``dram_size`` the DRAM image.
     """
-    words = np.asarray(program, dtype=np.uint64).reshape(-1, 4)
-    if small_imem:
-        depth = max(16, 1 << len(words).bit_length())
-        if depth < cfg.imem_depth:
-            cfg = dataclasses.replace(cfg, imem_depth=depth)
-    image = np.frombuffer(bytes(dram), dtype=np.uint8) if not isinstance(dram, np.ndarray) \
-        else np.asarray(dram, dtype=np.uint8).ravel()
-    dram_bytes = len(image) if dram_bytes is None else dram_bytes
-    top = NPUSimTop(cfg, program=words, dram=image, dram_size=dram_size)
-    sim = Simulator(top)
-    sim.add_clock(1e-8)
-    out: dict[str, Any] = {}
 
-    async def testbench(ctx: Any) -> None:
+    def __init__(self, cfg: NPUConfig, *, imem_depth: int | None = None,
+                 dram_size: int = 4096, trace_depth: int | None = None) -> None:
+        if imem_depth is not None and imem_depth != cfg.imem_depth:
+            cfg = dataclasses.replace(cfg, imem_depth=imem_depth)
+        self.cfg = cfg
+        self.top = NPUSimTop(cfg, dram_size=dram_size,
+                             trace_depth=trace_depth if trace_depth is not None
+                             else cfg.imem_depth)
+        self.sim = Simulator(self.top)
+        self.sim.add_clock(1e-8)
+        self.sim.add_testbench(self._bench)
+        self._job: dict[str, Any] | None = None
+        self._out: dict[str, Any] = {}
+        self._fresh = True
+
+    def run(self, program: Any, dram: Any = b"", *, dram_bytes: int | None = None,
+            watchdog: int | None = None, max_cycles: int = 1_000_000,
+            read_memories: bool = True, vcd: str | None = None) -> HWResult:
+        """Run one program; see :func:`run`."""
+        words = np.asarray(program, dtype=np.uint64).reshape(-1, 4)
+        image = np.frombuffer(bytes(dram), dtype=np.uint8) if not isinstance(dram, np.ndarray) \
+            else np.asarray(dram, dtype=np.uint8).ravel()
+        if len(words) > min(self.cfg.imem_depth, self.top.trace_depth):
+            raise ValueError(f"program of {len(words)} instructions exceeds this session's "
+                             f"imem/trace depth {min(self.cfg.imem_depth, self.top.trace_depth)}")
+        if len(image) > self.top.dram.size:
+            raise ValueError(f"DRAM image of {len(image)} bytes exceeds the model's "
+                             f"{self.top.dram.size}")
+        self._job = {"words": words, "image": image, "max_cycles": max_cycles,
+                     "dram_bytes": len(image) if dram_bytes is None else dram_bytes,
+                     "watchdog": watchdog, "read": read_memories}
+        self._out = {}
+        if not self._fresh:
+            self.sim.reset()
+        self._fresh = False
+        if vcd:
+            with self.sim.write_vcd(vcd):
+                self.sim.run()
+        else:
+            self.sim.run()
+        out = self._out
+        st = out["status"]
+        empty = np.zeros(0)
+        return HWResult(done=bool(st.done), cycles=int(st.cycles), fault=Fault(int(st.code)),
+                        fault_cycle=int(st.fault_cycle), fault_index=int(st.fault_index),
+                        spad=out.get("spad", empty), acc=out.get("acc", empty),
+                        dram=out.get("dram", empty), trace=out["trace"], sim_cycles=out["n"])
+
+    async def _bench(self, ctx: Any) -> None:
+        job, top = self._job, self.top
+        if job is None:
+            return
+        words, image = job["words"], job["image"]
+        for i, row in enumerate(words):
+            ctx.set(Value.cast(top.npu.imem[i]), int.from_bytes(row.astype("<u8").tobytes(),
+                                                                "little"))
+        for addr in np.flatnonzero(image).tolist():
+            lane, row = top.dram.lane_row(addr)
+            ctx.set(Value.cast(top.dram.lanes[lane][row]), int(image[addr]))
         ctx.set(top.n_instr, len(words))
-        ctx.set(top.dram_bytes, dram_bytes)
-        if watchdog is not None:
-            ctx.set(top.watchdog, watchdog)
+        ctx.set(top.dram_bytes, job["dram_bytes"])
+        if job["watchdog"] is not None:
+            ctx.set(top.watchdog, job["watchdog"])
         ctx.set(top.start, 1)
         await ctx.tick()
         ctx.set(top.start, 0)
@@ -163,11 +209,13 @@ def run(cfg: NPUConfig, program: Any, dram: Any = b"", *, dram_bytes: int | None
             st = ctx.get(top.status)
             if st.done or st.fault:
                 break
-            if n > max_cycles:
-                raise RuntimeError(f"NPUSimTop did not finish within {max_cycles} cycles")
-        out["status"] = st
-        out["n"] = n
-        if read_memories:
+            if n > job["max_cycles"]:
+                raise RuntimeError(f"NPUSimTop did not finish within {job['max_cycles']} "
+                                   f"cycles")
+        out = self._out
+        out["status"], out["n"] = st, n
+        cfg = self.cfg
+        if job["read"]:
             out["spad"] = _rows(ctx, top.npu.spad, "<i1", cfg.spad_rows)
             out["acc"] = _rows(ctx, top.npu.acc, "<i4", cfg.acc_rows)
             lanes = [np.array([ctx.get(Value.cast(lane[r])) for r in range(lane.depth)],
@@ -175,20 +223,40 @@ def run(cfg: NPUConfig, program: Any, dram: Any = b"", *, dram_bytes: int | None
             out["dram"] = np.stack(lanes, axis=1).ravel()
         traces = {}
         for ev, mem in top.traces.items():
-            vals = np.array([ctx.get(Value.cast(mem[i])) for i in range(top.trace_depth)],
+            vals = np.array([ctx.get(Value.cast(mem[i])) for i in range(len(words))],
                             dtype=np.int64)
             traces[ev] = np.where(vals == _NEVER, -1, vals)
         out["trace"] = traces
 
-    sim.add_testbench(testbench)
-    if vcd:
-        with sim.write_vcd(vcd):
-            sim.run()
-    else:
-        sim.run()
-    st = out["status"]
-    empty = np.zeros(0)
-    return HWResult(done=bool(st.done), cycles=int(st.cycles), fault=Fault(int(st.code)),
-                    fault_cycle=int(st.fault_cycle), fault_index=int(st.fault_index),
-                    spad=out.get("spad", empty), acc=out.get("acc", empty),
-                    dram=out.get("dram", empty), trace=out["trace"], sim_cycles=out["n"])
+
+_SESSIONS: dict[tuple, Session] = {}
+
+
+def session(cfg: NPUConfig, n_instructions: int, dram_bytes: int) -> Session:
+    """A cached :class:`Session` large enough for the program (sizes rounded up to powers of
+    two, so that similar programs share one compiled simulator)."""
+    imem = min(cfg.imem_depth, _pow2(n_instructions + 1, 64))
+    key = (cfg, imem, _pow2(dram_bytes, 4096))
+    if key not in _SESSIONS:
+        if len(_SESSIONS) >= 4:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        _SESSIONS[key] = Session(cfg, imem_depth=imem, dram_size=key[2], trace_depth=imem)
+    return _SESSIONS[key]
+
+
+def run(cfg: NPUConfig, program: Any, dram: Any = b"", *, dram_bytes: int | None = None,
+        watchdog: int | None = None, max_cycles: int = 1_000_000, read_memories: bool = True,
+        vcd: str | None = None) -> HWResult:
+    """Run ``program`` (``(N, 4)`` uint64 words) on :class:`NPUSimTop` under Amaranth's simulator.
+
+    ``dram`` is the initial DRAM image; ``dram_bytes`` the DRAM size the program may address
+    (default ``len(dram)``; faults are checked against it); ``watchdog`` the cycle limit (default
+    the config's). ``max_cycles`` bounds the simulation itself (a RuntimeError beyond it).
+    The instruction memory is sized to the program (a power of two above its length), which
+    changes nothing but simulation speed; compiled simulators are cached per size.
+    """
+    words = np.asarray(program, dtype=np.uint64).reshape(-1, 4)
+    size = len(dram) if not isinstance(dram, np.ndarray) else dram.size
+    sess = session(cfg, len(words), max(size, dram_bytes or 0))
+    return sess.run(words, dram, dram_bytes=dram_bytes, watchdog=watchdog,
+                    max_cycles=max_cycles, read_memories=read_memories, vcd=vcd)

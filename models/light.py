@@ -384,7 +384,7 @@ def light_model(name: str, seed: int = 0, opset: int | None = OPSET) -> onnx.Mod
     """Light model ``name`` (see :data:`LIGHT_MODELS`) with seeded random weights.
 
     ``opset=None`` keeps the file's opset 9; the default converts to opset 17. Results are
-    cached per (name, seed, opset): ResNet-50 takes about 3 s the first time (BatchNorm
+    cached per (name, seed, opset): ResNet-50 takes a few seconds the first time (BatchNorm
     calibration), a copy after that.
     """
     if name not in LIGHT_MODELS:

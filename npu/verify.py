@@ -245,7 +245,7 @@ def build_design(verilog: str | Callable[[], str], toplevel: str, key: str, *,
             args = ["-g2012"]
         log = directory / "build.log"
         try:
-            runner.build(verilog_sources=[str(build.verilog)], hdl_toplevel=toplevel,
+            runner.build(sources=[str(build.verilog)], hdl_toplevel=toplevel,
                          build_dir=str(build.sim_dir), build_args=[*args, *extra_args],
                          timescale=TIMESCALE, log_file=str(log))
         except (RuntimeError, SystemExit) as exc:
@@ -284,11 +284,18 @@ def run_cocotb(build: Build, test_module: str, env: Mapping[str, str], *,
     build; returns the results XML path. ``env`` is added to the simulator's environment."""
     runner = _runner(build.sim)
     test_dir.mkdir(parents=True, exist_ok=True)
-    return runner.test(test_module=test_module, hdl_toplevel=build.toplevel,
-                       hdl_toplevel_lang="verilog", build_dir=str(build.sim_dir),
-                       test_dir=str(test_dir), extra_env=dict(env), testcase=testcase,
-                       timescale=TIMESCALE if build.sim == "icarus" else None,
-                       log_file=str(test_dir / "sim.log"))
+    try:
+        return runner.test(test_module=test_module, hdl_toplevel=build.toplevel,
+                           hdl_toplevel_lang="verilog", build_dir=str(build.sim_dir),
+                           test_dir=str(test_dir), extra_env=dict(env), testcase=testcase,
+                           timescale=TIMESCALE if build.sim == "icarus" else None,
+                           log_file=str(test_dir / "sim.log"))
+    except SystemExit:  # the runner exits when a test failed; the results file says which
+        xmls = sorted(test_dir.glob("*.xml"), key=lambda x: x.stat().st_mtime)
+        if not xmls:
+            raise RuntimeError(f"the simulation of {build.toplevel} failed to run; see "
+                               f"{test_dir / 'sim.log'}") from None
+        return xmls[-1]
 
 
 def _source_hash() -> str:

@@ -144,8 +144,8 @@ def allocate(graph: Graph, config: NPUConfig) -> Graph:
             bp = placements[b]
             if tt.view_of is not None:
                 off = _view_offset(graph, t)
-                tt.place = Placement(bp.addr + off, bp.pixel_stride, bp.pad, bp.pad_value,
-                                     buffer=b)
+                tt.place = Placement(bp.addr + off, tt.view_stride or bp.pixel_stride, bp.pad,
+                                     bp.pad_value, buffer=b)
             else:
                 _, _, _, c = geometry(tt)
                 tt.place = Placement(bp.addr, c, buffer=b)

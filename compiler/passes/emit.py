@@ -24,6 +24,7 @@ pixels; ``packed`` blocks hold, per reduction chunk j, ``cols`` bytes starting a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, Placement, Segment, Tensor, geometry
 from npu.compiler.passes.schedule import Buffers, align, avg_divisors
-from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan
+from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan, ReorderPlan
 from npu.compiler.qmath import multipliers
 from npu.compiler.stream import Stream
 from npu.isa import EltFunc, NPUConfig
@@ -103,15 +104,20 @@ def node_constants(node: Node, graph: Graph, cfg: NPUConfig) -> dict[str, bytes]
 # --------------------------------------------------------------------------------------------
 
 class _View:
-    """DRAM addressing of an NPU tensor: pixel (b, y, x) + channel byte offset."""
+    """DRAM addressing of an NPU tensor: pixel (b, y, x) + channel byte offset. ``split``
+    overrides the tensor's own row/channel split (a generic concat's copy)."""
 
-    def __init__(self, t: Tensor) -> None:
+    def __init__(self, t: Tensor, split: int | None = None) -> None:
         if t.place is None:
             raise CompileError(f"internal: tensor {t.name!r} has no DRAM placement")
         self.t = t
         self.p: Placement = t.place
+        if split is not None:
+            if t.view_of is not None or any(self.p.pad):
+                raise CompileError(f"internal: {t.name!r} re-split but not contiguous")
+            t = dataclasses.replace(t, split=split)
         self.n, self.h, self.w, self.c = geometry(t)
-        self.px = self.p.pixel_stride
+        self.px = self.c if split is not None else self.p.pixel_stride
         self.row = self.p.row_stride(self.w)
         self.img = self.p.image_stride(self.h, self.w)
 
@@ -497,7 +503,7 @@ class _EltLayer(_Layer):
         self.node, self.cfg, self.s = node, cfg, s
         self.plan: EltPlan = node.plan
         self.spad = node.attrs["buffers"].spad
-        self.a = _View(graph.tensors[node.inputs[0]])
+        self.a = _View(graph.tensors[node.inputs[0]], node.attrs.get("in_split"))
         self.y = _View(graph.tensors[node.outputs[0]])
         self.steps = node.attrs.get("epilogue", [])
         self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
@@ -552,6 +558,7 @@ class _GatherLayer(_Layer):
         idx = graph.tensors[node.inputs[1]]
         self.table_addr = consts["table"][0] if "table" in consts else table.place.addr
         self.table_bytes = int(np.prod(table.shape))
+        self.width = geometry(table)[3]
         self.idx_addr = consts["idx"][0] if "idx" in consts else idx.place.addr
         self.y = _View(graph.tensors[node.outputs[0]])
         p = self.plan
@@ -563,7 +570,8 @@ class _GatherLayer(_Layer):
         i0, nb, j = self.items[i]
         r, p = self.cfg.rows, self.plan
         self.s.gather(dram_addr=self.table_addr + j * r, index_addr=self.idx_addr + 4 * i0,
-                      row_stride=p.width, dst=self.spad["g"][0] + (i % 2) * align(p.block, r), n=nb,
+                      row_stride=p.width, n=nb,
+                      dst=self.spad["g"][0] + (i % 2) * align(p.block, r),
                       row_bytes=min(r, p.width - j * r), table_bytes=self.table_bytes)
 
     def st(self, i: int) -> None:
@@ -574,9 +582,56 @@ class _GatherLayer(_Layer):
                      dram_stride_inner=self.y.px)
 
 
+class _ReorderLayer(_Layer):
+    """NHWC <-> row-major: each SPAD row carries one byte (LOAD/STORE with row_bytes 1)."""
+
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: ReorderPlan = node.plan
+        self.spad = node.attrs["buffers"].spad
+        p = self.plan
+        cl, rows = (node.inputs[0], node.outputs[0]) if p.to_rows else \
+            (node.outputs[0], node.inputs[0])
+        self.cl = _View(graph.tensors[cl])
+        self.rows_addr = graph.tensors[rows].place.addr
+        self.items = p.items()
+        self.n_items = len(self.items)
+        self.slot = align(p.cb * p.w, cfg.rows)
+
+    def _rows(self, b: int, y: int, c0: int) -> int:
+        p = self.plan
+        return self.rows_addr + ((b * p.c + c0) * p.h + y) * p.w
+
+    def lda(self, i: int) -> None:
+        b, y, c0, cb = self.items[i]
+        p, v = self.plan, self.cl
+        dst = self.spad["r"][0] + (i % 2) * self.slot
+        if p.to_rows:
+            self.s.load(dram_addr=v.addr(b, y, 0, c0), n_inner=p.w, dram_stride_inner=v.px,
+                        n_outer=cb, dram_stride_outer=1 if cb > 1 else 0, row_bytes=1,
+                        dst=dst, dst_stride_outer=p.w if cb > 1 else 0)
+        else:
+            self.s.load(dram_addr=self._rows(b, y, c0), n_inner=p.w, dram_stride_inner=1,
+                        n_outer=cb, dram_stride_outer=p.h * p.w if cb > 1 else 0, row_bytes=1,
+                        dst=dst, dst_stride_outer=p.w if cb > 1 else 0)
+
+    def st(self, i: int) -> None:
+        b, y, c0, cb = self.items[i]
+        p, v = self.plan, self.cl
+        src = self.spad["r"][0] + (i % 2) * self.slot
+        if p.to_rows:
+            self.s.store(src=src, n_inner=p.w, n_outer=cb, src_stride_outer=p.w if cb > 1
+                         else 0, row_bytes=1, dram_addr=self._rows(b, y, c0),
+                         dram_stride_inner=1, dram_stride_outer=p.h * p.w if cb > 1 else 0)
+        else:
+            self.s.store(src=src, n_inner=p.w, n_outer=cb, src_stride_outer=p.w if cb > 1
+                         else 0, row_bytes=1, dram_addr=v.addr(b, y, 0, c0),
+                         dram_stride_inner=v.px, dram_stride_outer=1 if cb > 1 else 0)
+
+
 _LAYERS: dict[str, Callable[..., _Layer]] = {
     "conv": _ConvLayer, "avgpool": _ConvLayer, "maxpool": _MaxPoolLayer, "add": _EltLayer,
-    "clamp": _EltLayer, "copy": _EltLayer, "gather": _GatherLayer,
+    "clamp": _EltLayer, "copy": _EltLayer, "gather": _GatherLayer, "reorder": _ReorderLayer,
 }
 
 

@@ -17,6 +17,7 @@ rounding of its own (VECTOR, then each ELTWISE step).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from npu.compiler.ir import Graph, Node, Step
 from npu.compiler.qmath import is_identity
@@ -102,14 +103,19 @@ def _fuse_concat(graph: Graph) -> None:
         if node.device != "npu" or node.op != "concat":
             continue
         y = graph.tensors[node.outputs[0]]
+        axis = node.attrs["axis"]
+        generic = node.attrs.get("generic", False)
+        # Element offset of each input along the concat axis, in units of the view's channels:
+        # the channel axis itself, or for a generic axis everything from it on.
+        inner = int(math.prod(y.shape[axis + 1:])) if generic else 1
         off = 0
         views = []
         for t, step in zip(node.inputs, node.attrs["rescale"]):
             tt = graph.tensors[t]
-            c = tt.shape[node.attrs["axis"]]   # channels (layouts are assigned later)
+            c = tt.shape[axis]
             prod = producer.get(t)
-            if prod is not None and prod.device == "npu" and prod.op in EPILOGUE_OPS and \
-                    _only_user(graph, t, node) and tt.view_of is None:
+            if not generic and prod is not None and prod.device == "npu" and \
+                    prod.op in EPILOGUE_OPS and _only_user(graph, t, node) and tt.view_of is None:
                 if not is_identity(step):
                     prod.attrs.setdefault("epilogue", []).append(step)
                 tt.view_of = (y.name, off)
@@ -117,12 +123,17 @@ def _fuse_concat(graph: Graph) -> None:
                 views.append(t)
             else:
                 v = graph.fresh(f"{t}__in_{y.name}")
-                graph.tensors[v] = dataclasses.replace(tt, name=v, view_of=(y.name, off),
+                graph.tensors[v] = dataclasses.replace(tt, name=v, view_of=(y.name, off * inner),
                                                        data=None, place=None, alias_of=None,
                                                        quant=y.quant)
+                attrs: dict = {"epilogue": [] if is_identity(step) else [step]}
+                if generic:
+                    # Both sides seen as (prod(shape[:axis]), prod(shape[axis:])) rows.
+                    graph.tensors[v].split = axis
+                    graph.tensors[v].view_stride = int(math.prod(y.shape[axis:]))
+                    attrs["in_split"] = axis
                 copy = Node("copy", graph.fresh(f"{node.name}/copy{len(views)}"), [t], [v],
-                            {"epilogue": [] if is_identity(step) else [step]},
-                            sources=list(node.sources), onnx_op="Concat")
+                            attrs, sources=list(node.sources), onnx_op="Concat")
                 graph.nodes.insert(graph.nodes.index(node), copy)
                 views.append(v)
             off += c

@@ -479,15 +479,18 @@ class _Legalizer:
         acts = [self.m.act(i) for i in ins]
         shape = self.m.shapes[ins[0]]
         axis = int(a["axis"]) % len(shape)
-        if not ((len(shape) == 4 and axis == 1) or (len(shape) != 4 and axis == len(shape) - 1)):
-            raise Unsupported(f"Concat along axis {axis} of a rank-{len(shape)} tensor "
-                              f"(the NPU concatenates channels)")
+        # Channels (NHWC axis 1, or the last axis) are written in place at a channel offset;
+        # any other axis of a row-major tensor is the channel axis of its 2-D view
+        # (prod(shape[:axis]), prod(shape[axis:])) ("generic": copies, see fuse).
+        generic = not ((len(shape) == 4 and axis == 1) or axis == len(shape) - 1)
+        if generic and len(shape) == 4:
+            raise Unsupported(f"Concat along axis {axis} of an NCHW tensor")
         out = self.m.out(node)
         y, yq = out.name, out.quant
         self._finish(node, out)
         steps = [rescale_step(aq, yq, out.lo, out.hi) for _, aq in acts]
         return self._npu("concat", label, [n for n, _ in acts], y, [aq for _, aq in acts], yq,
-                         {"axis": axis, "rescale": steps})
+                         {"axis": axis, "rescale": steps, "generic": generic})
 
     def reshape(self, node: onnx.NodeProto, label: str) -> Node:
         x, xq = self.m.act(node.input[0])
@@ -512,8 +515,8 @@ class _Legalizer:
         table = dq.input[0]
         tq = Quant(float(scale.reshape(())), int(zp.reshape(())))
         shape = self.m.shapes[table]
-        if len(shape) != 2:
-            raise Unsupported("Gather of a table that is not 2-D")
+        if len(shape) < 2:
+            raise Unsupported("Gather of a 1-D table")
         idx = node.input[1]
         if self.m.dtypes.get(idx) not in ("int64", "int32"):
             raise Unsupported("Gather indices are not integers")
@@ -524,10 +527,12 @@ class _Legalizer:
         self._finish(node, out)
         t = self.tensor(table, tq)
         t.dtype = "int8"
+        t.split = 1                       # rows of the table: everything after axis 0
         it = self.tensor(idx)
         n = Node("gather", label, [table, idx], [y], {"index_dtype": it.dtype})
         out = self.tensor(y, yq)
         out.dtype = "int8"
+        out.split = len(it.shape)         # one output row per index
         return n
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node
-from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan
+from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan, ReorderPlan
 from npu.isa import VECTOR_PARAM_ROWS, NPUConfig
 
 __all__ = ["Buffers", "schedule", "node_buffers", "avg_divisors"]
@@ -96,6 +96,8 @@ def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
         return spad, []
     if isinstance(plan, GatherPlan):
         return [("g", 2 * align(plan.block, r))], []
+    if isinstance(plan, ReorderPlan):
+        return [("r", 2 * align(plan.cb * plan.w, r))], []
     return [], []
 
 

@@ -30,7 +30,7 @@ from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, geometry
 from npu.isa import NPUConfig
 
-__all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "tile", "conv_tiles",
+__all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "ReorderPlan", "tile", "conv_tiles",
            "PACKED_MAX_C"]
 
 #: Packing kernel offsets into the reduction is considered for inputs with at most this many
@@ -179,6 +179,27 @@ class EltPlan:
     def __str__(self) -> str:
         return (f"eltwise {self.n}x{self.h}x{self.w}x{self.c} tile {self.oh_t}x{self.ow_t} x "
                 f"{self.cj} chunks")
+
+
+@dataclass
+class ReorderPlan:
+    """``reorder``: NHWC <-> row-major byte permutation, one byte per SPAD row, per image row
+    and block of channels."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    cb: int               # channels per item
+    to_rows: bool
+
+    def items(self) -> list[tuple[int, int, int, int]]:
+        return [(b, y, c0, min(self.cb, self.c - c0)) for b in range(self.n)
+                for y in range(self.h) for c0 in range(0, self.c, self.cb)]
+
+    def __str__(self) -> str:
+        d = "NHWC->rows" if self.to_rows else "rows->NHWC"
+        return f"reorder {d} {self.n}x{self.h}x{self.w}x{self.c} in blocks of {self.cb} ch"
 
 
 @dataclass
@@ -498,11 +519,23 @@ def plan_eltwise(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> 
     return EltPlan(n, h, w, c, _cdiv(c, cfg.rows), oh_t, ow_t)
 
 
+def plan_reorder(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> ReorderPlan:
+    to_rows = node.attrs["to"] != "NHWC"
+    cl = graph.tensors[node.inputs[0] if to_rows else node.outputs[0]]
+    n, h, w, c = geometry(cl)
+    slot = spad_budget // 2 - 2 * cfg.rows
+    if w > slot or w > 65535:
+        raise CompileError(f"image rows of {w} pixels are too wide to reorder", node.name,
+                           node.onnx_op)
+    cb = max(1, min(c, slot // w, 65535))
+    return ReorderPlan(n, h, w, c, cb, to_rows)
+
+
 def plan_gather(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> GatherPlan:
     table = graph.tensors[node.inputs[0]]
     idx = graph.tensors[node.inputs[1]]
     rows = max(1, idx.size)
-    width = table.shape[1]
+    width = geometry(table)[3]
     block = max(1, min(cfg.gather_max, spad_budget // 4))
     return GatherPlan(rows, width, _cdiv(width, cfg.rows), block)
 
@@ -525,6 +558,8 @@ def tile(graph: Graph, config: NPUConfig) -> Graph:
             node.plan = plan_eltwise(node, graph, config, budget)
         elif node.op == "gather":
             node.plan = plan_gather(node, graph, config, budget)
+        elif node.op == "reorder":
+            node.plan = plan_reorder(node, graph, config, budget)
     return graph
 
 

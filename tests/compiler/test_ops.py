@@ -217,8 +217,8 @@ def avgpool_2x2_ties():
 CASES: dict[str, Callable[[], onnx.ModelProto]] = {f.__name__: f for f in (
     conv_3x3, conv_rgb_7x7_s2, conv_1x1_s2, conv_dilated, conv_asym_pads_no_bias,
     conv_same_upper, conv_grouped, conv_depthwise, conv_wide_channels, conv_1d, gemm,
-    gemm_no_trans, matmul_3d, relu_standalone, clip_standalone, add_inputs, sum_residual, maxpool_3x3_s2,
-    maxpool_ceil, maxpool_global, avgpool_pad_include, global_avgpool,
+    gemm_no_trans, matmul_3d, relu_standalone, clip_standalone, add_inputs, sum_residual,
+    maxpool_3x3_s2, maxpool_ceil, maxpool_global, avgpool_pad_include, global_avgpool,
     concat_convs, concat_inputs, flatten_gemm, reshape_pool_gemm, gather_embedding)}
 
 
