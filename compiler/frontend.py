@@ -131,6 +131,8 @@ def bind_static_shapes(model: onnx.ModelProto, batch: int | None = None) -> onnx
         for i, dim in enumerate(tt.shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
+            if dim.HasField("dim_value") and dim.dim_value == 0:
+                raise CompileError(f"graph input {inp.name!r} is empty (dimension {i} is 0)")
             label = dim.dim_param or "?"
             if i == 0 and batch is not None:
                 dim.Clear()
@@ -351,6 +353,7 @@ def normalize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     shapes = value_shapes(model)
+    extra: list[tuple[int, onnx.NodeProto]] = []
     for idx, node in enumerate(graph.node):
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
             continue
@@ -359,7 +362,20 @@ def normalize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         c = numpy_helper.to_array(inits[node.input[2]])
         n = out[1]
-        if c.shape == (n,) or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+        if c.ndim == 2 and c.shape[0] > 1:
+            # A per-row bias matrix: Gemm without bias, then Add (what it means).
+            beta = float(_attr(node, "beta", 1.0))
+            name = f"{node.input[2]}__scaled_{node_label(node, idx)}"
+            graph.initializer.append(numpy_helper.from_array(
+                (c * np.array(beta, c.dtype)).astype(c.dtype), name))
+            mid = f"{node.output[0]}__no_bias"
+            add = helper.make_node("Add", [mid, name], [node.output[0]],
+                                   name=f"{node_label(node, idx)}__bias")
+            node.output[0] = mid
+            del node.input[2:]
+            extra.append((idx, add))
+            continue
+        if c.shape == (n,) or c.size not in (1, n):
             continue
         beta = float(_attr(node, "beta", 1.0))
         name = f"{node.input[2]}__vector_{node_label(node, idx)}"
@@ -369,6 +385,8 @@ def normalize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
         for a in node.attribute:
             if a.name == "beta":
                 a.f = 1.0
+    for k, (idx, add) in enumerate(extra):
+        graph.node.insert(idx + 1 + k, add)
     _drop_unused_initializers(model)
     return model
 

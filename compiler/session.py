@@ -61,36 +61,40 @@ def _run_program(program: Program, inputs: dict[str, np.ndarray], engine: str,
     return run(program, inputs, engine=engine, validate=validate)
 
 
+def _pad(t: Tensor) -> tuple[int, int, int, int]:
+    return t.place.pad if t.place is not None else (0, 0, 0, 0)
+
+
 def to_dram(value: np.ndarray, t: Tensor, b: Binding) -> np.ndarray:
     """An ONNX-layout tensor as the program's binding stores it (NHWC, padding, int32)."""
     arr = np.asarray(value)
     if b.dtype == "int32":
         return arr.astype(np.int64).astype(np.int32).reshape(b.shape)
     arr = arr.astype(np.int8)
-    if t.layout == CHANNEL_LAST and arr.ndim >= 3:
+    if t.layout != CHANNEL_LAST:
+        return np.ascontiguousarray(arr.reshape(b.shape))
+    if arr.ndim >= 3:
         arr = np.moveaxis(arr, 1, -1)
-    n, h, w, c = geometry(t)
-    arr = arr.reshape(n, h, w, c) if len(b.shape) == 4 else arr.reshape(b.shape)
-    if len(b.shape) == 4 and (b.shape[1] != h or b.shape[2] != w):
-        pad = t.place.pad if t.place is not None else (0, 0, 0, 0)
+    arr = arr.reshape(geometry(t))
+    pad = _pad(t)
+    if any(pad):
         arr = np.pad(arr, ((0, 0), (pad[0], pad[2]), (pad[1], pad[3]), (0, 0)),
                      constant_values=np.int8(t.place.pad_value))
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr.reshape(b.shape))
 
 
 def from_dram(value: np.ndarray, t: Tensor, b: Binding) -> np.ndarray:
     """The inverse of :func:`to_dram`: back to the ONNX shape and layout."""
     arr = np.asarray(value)
+    if t.layout != CHANNEL_LAST:
+        return np.ascontiguousarray(arr.reshape(t.shape))
     n, h, w, c = geometry(t)
-    if len(b.shape) == 4 and (b.shape[1] != h or b.shape[2] != w):
-        pad = t.place.pad
-        arr = arr[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w, :]
-    if t.layout == CHANNEL_LAST and len(t.shape) >= 3:
-        arr = arr.reshape(n, h, w, c)
-        if len(t.shape) == 3:
-            arr = arr.reshape(n, w, c)
-        arr = np.moveaxis(arr, -1, 1)
-    return np.ascontiguousarray(arr.reshape(t.shape))
+    pad = _pad(t)
+    arr = arr.reshape(n, h + pad[0] + pad[2], w + pad[1] + pad[3], c)
+    arr = arr[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w, :]
+    if len(t.shape) == 3:
+        arr = arr.reshape(n, w, c)
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 1).reshape(t.shape))
 
 
 class _HostOp:

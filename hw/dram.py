@@ -80,7 +80,15 @@ class DRAMModel(wiring.Component):
         #: One MemoryData per beat lane; byte ``a`` is row ``a // beat`` of lane ``a % beat``.
         self.lanes = [MemoryData(shape=8, depth=depth, init=by_lane[:, j].tolist())
                       for j in range(beat)]
-        super().__init__({"rd": In(DRAMReadSignature(cfg)), "wr": In(DRAMWriteSignature(cfg))})
+        super().__init__({
+            "rd": In(DRAMReadSignature(cfg)), "wr": In(DRAMWriteSignature(cfg)),
+            # Host access by aligned beat (row ``addr`` = bytes addr*beat ..): load and read
+            # back images from a testbench that cannot reach the memories directly.
+            "host": In(wiring.Signature({
+                "addr": Out(max(1, exact_log2(depth))), "we": Out(beat),
+                "wdata": Out(data.ArrayLayout(unsigned(8), beat)),
+                "rdata": In(data.ArrayLayout(unsigned(8), beat))})),
+        })
 
     def lane_row(self, addr: int) -> tuple[int, int]:
         """(lane, row) holding byte ``addr``."""
@@ -96,13 +104,17 @@ class DRAMModel(wiring.Component):
             m.submodules[f"lane{j}"] = mem = memory.Memory(data=lane)
             rd_ports.append(mem.read_port())
             wr_ports.append(mem.write_port())
+            host_w, host_r = mem.write_port(), mem.read_port()
+            m.d.comb += [host_w.addr.eq(self.host.addr), host_w.data.eq(self.host.wdata[j]),
+                         host_w.en.eq(self.host.we[j]), host_r.addr.eq(self.host.addr),
+                         self.host.rdata[j].eq(host_r.data)]
 
         # Read: lane j holds byte k = (j - addr) mod beat of the beat, at row
         # addr // beat + (1 if j < addr mod beat else 0).
         rot = self.rd.req_addr[:lb] if lb else Const(0, 1)
         base = self.rd.req_addr >> lb
         for j, port in enumerate(rd_ports):
-            m.d.comb += port.addr.eq(base + (Const(j, max(lb, 1)) < rot))
+            m.d.comb += port.addr.eq(base + _below(j, rot, beat))
         rot_q = Signal.like(rot)
         valid_q = Signal()
         m.d.sync += [rot_q.eq(rot), valid_q.eq(self.rd.req_valid)]
@@ -128,10 +140,16 @@ class DRAMModel(wiring.Component):
         wbase = w.addr >> lb
         for j, port in enumerate(wr_ports):
             k = (Const(j, lb + 1) - wrot)[:lb] if lb else Const(0, 1)
-            m.d.comb += [port.addr.eq(wbase + (Const(j, max(lb, 1)) < wrot)),
+            m.d.comb += [port.addr.eq(wbase + _below(j, wrot, beat)),
                          port.data.eq(_pick([w.data[i] for i in range(beat)], k)),
                          port.en.eq(w.valid & w.mask.bit_select(k, 1))]
         return m
+
+
+def _below(j: int, rot: Any, beat: int) -> Any:
+    """1 when lane ``j`` lies below the beat's rotation ``rot`` (its byte is in the next row);
+    the last lane never does."""
+    return Const(0, 1) if j == beat - 1 else (Const(j, max(rot.shape().width, 1)) < rot)
 
 
 def _pick(values: list[Any], sel: Any) -> Any:

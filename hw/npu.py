@@ -43,9 +43,11 @@ class NPU(wiring.Component):
     ``imem_init`` optionally preloads the instruction memory (an ``(N, 4)`` uint64 array from
     :func:`npu.isa.encode_words`); ``spad``, ``acc`` and ``imem`` are the
     :class:`~amaranth.hdl.MemoryData` of the memories, which a simulation may read and write.
+    ``debug`` adds host read ports ``dbg_spad`` and ``dbg_acc`` (one more read port on each
+    memory) for testbenches that cannot reach the memories directly.
     """
 
-    def __init__(self, cfg: NPUConfig, *, imem_init: Any = None) -> None:
+    def __init__(self, cfg: NPUConfig, *, imem_init: Any = None, debug: bool = False) -> None:
         if not isinstance(cfg, NPUConfig):
             raise TypeError(f"NPU needs an NPUConfig, got {cfg!r}")
         self.cfg = cfg
@@ -56,7 +58,15 @@ class NPU(wiring.Component):
             raise ValueError(f"program of {len(init)} instructions exceeds imem_depth "
                              f"{cfg.imem_depth}")
         self.imem = MemoryData(shape=isa.INSTR_BITS, depth=cfg.imem_depth, init=init)
+        self.debug = debug
+        dbg = {}
+        if debug:
+            dbg = {"dbg_spad": Out(memory.ReadPort.Signature(
+                       addr_width=ceil_log2(cfg.spad_rows), shape=spad_row(cfg))),
+                   "dbg_acc": Out(memory.ReadPort.Signature(
+                       addr_width=ceil_log2(cfg.acc_rows), shape=acc_row(cfg)))}
         super().__init__({
+            **dbg,
             "imem_w": Out(memory.WritePort.Signature(addr_width=ceil_log2(cfg.imem_depth),
                                                      shape=isa.INSTR_BITS)),
             "start": In(1),
@@ -110,6 +120,9 @@ class NPU(wiring.Component):
         wiring.connect(m, vx.spad_w, spad.write_port())
         wiring.connect(m, st.spad_r, spad.read_port())
         wiring.connect(m, st.acc_r, acc.read_port())
+        if self.debug:
+            wiring.connect(m, wiring.flipped(self.dbg_spad), spad.read_port())
+            wiring.connect(m, wiring.flipped(self.dbg_acc), acc.read_port())
         return m
 
 

@@ -18,10 +18,12 @@ from amaranth.hdl import MemoryData, Module, Value
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
+from amaranth.utils import ceil_log2
 
+from npu import isa
 from npu.isa import Engine, Fault, NPUConfig
 
-from .common import CYCLE_BITS, index_bits
+from .common import CYCLE_BITS, acc_row, index_bits, spad_row
 from .control import StatusLayout
 from .dram import DRAM_ADDR_BITS, DRAMModel
 from .npu import NPU
@@ -44,22 +46,35 @@ class NPUSimTop(wiring.Component):
     def __init__(self, cfg: NPUConfig, *, program: Any = None, dram: Any = None,
                  dram_size: int | None = None, trace_depth: int | None = None) -> None:
         self.cfg = cfg
-        n = 0 if program is None else int(np.asarray(program).reshape(-1, 4).shape[0])
         dram_len = 0 if dram is None else len(bytes(dram) if not isinstance(dram, np.ndarray)
                                               else dram.ravel())
         if dram_size is None:
             dram_size = max(4096, cfg.dram_beat_bytes, 1 << max(dram_len - 1, 1).bit_length())
-        self.npu = NPU(cfg, imem_init=program)
+        self.npu = NPU(cfg, imem_init=program, debug=True)
         self.dram = DRAMModel(cfg, dram_size, init=dram)
         self.trace_depth = max(2, trace_depth if trace_depth is not None else cfg.imem_depth)
         self.traces = {ev: MemoryData(shape=CYCLE_BITS, depth=self.trace_depth,
                                       init=[_NEVER] * self.trace_depth) for ev in TRACE_EVENTS}
+        iw = ceil_log2(self.trace_depth)
         super().__init__({
             "start": In(1),
             "n_instr": In(index_bits(cfg)),
             "dram_bytes": In(DRAM_ADDR_BITS + 1),
             "watchdog": In(CYCLE_BITS, init=min(cfg.watchdog_cycles, _NEVER)),
             "status": Out(StatusLayout(cfg)),
+            # Host ports for testbenches that load and read through pins (cocotb/Verilator):
+            # instruction memory writes, DRAM by aligned beat, SPAD/ACC and trace reads (data
+            # one cycle after the address).
+            "imem_w": Out(memory.WritePort.Signature(addr_width=ceil_log2(cfg.imem_depth),
+                                                     shape=isa.INSTR_BITS)),
+            "dram_host": self.dram.signature.members["host"],
+            "dbg_spad": Out(memory.ReadPort.Signature(addr_width=ceil_log2(cfg.spad_rows),
+                                                      shape=spad_row(cfg))),
+            "dbg_acc": Out(memory.ReadPort.Signature(addr_width=ceil_log2(cfg.acc_rows),
+                                                     shape=acc_row(cfg))),
+            "trace_r": Out(wiring.Signature({
+                "addr": In(iw),
+                **{ev: Out(CYCLE_BITS) for ev in TRACE_EVENTS}})),
         })
 
     def elaborate(self, platform: Any) -> Module:
@@ -68,6 +83,10 @@ class NPUSimTop(wiring.Component):
         m.submodules.dram = dram = self.dram
         wiring.connect(m, npu.dram_r, dram.rd)
         wiring.connect(m, npu.dram_w, dram.wr)
+        wiring.connect(m, wiring.flipped(self.imem_w), npu.imem_w)
+        wiring.connect(m, wiring.flipped(self.dram_host), dram.host)
+        wiring.connect(m, wiring.flipped(self.dbg_spad), npu.dbg_spad)
+        wiring.connect(m, wiring.flipped(self.dbg_acc), npu.dbg_acc)
         m.d.comb += [npu.start.eq(self.start), npu.n_instr.eq(self.n_instr),
                      npu.dram_bytes.eq(self.dram_bytes), npu.watchdog.eq(self.watchdog),
                      self.status.eq(npu.status)]
@@ -87,6 +106,8 @@ class NPUSimTop(wiring.Component):
         }
         for ev, sources in events.items():
             m.submodules[f"trace_{ev}"] = mem = memory.Memory(data=self.traces[ev])
+            rd = mem.read_port()
+            m.d.comb += [rd.addr.eq(self.trace_r.addr), getattr(self.trace_r, ev).eq(rd.data)]
             for valid, index, value in sources:
                 port = mem.write_port()
                 m.d.comb += [port.en.eq(valid & (index < self.trace_depth)),
