@@ -30,6 +30,8 @@ from npu.compiler.errors import CompileError
 from npu.compiler.frontend import ModelSource, prepare_model
 from npu.compiler.ir import Graph, dump
 from npu.compiler.passes import allocate, emit, fuse, layout, legalize, partition, schedule, tile
+from npu.compiler.passes.families import lower as lower_families
+from npu.compiler.passes.families import sparse_blocks
 from npu.compiler.passes.partition import is_border_conversion, placement_report
 from npu.compiler.quantize import Calibration, is_qdq, quantize_model
 from npu.isa import NPUConfig, get_config
@@ -39,6 +41,7 @@ __all__ = ["CompiledModel", "compile_model", "PASSES"]
 
 #: IR passes in order: (name, function(graph, config, options) -> graph).
 PASSES: list[tuple[str, Callable[[Graph, NPUConfig, dict[str, Any]], Graph]]] = [
+    ("families", lambda g, c, o: lower_families(g)),
     ("fuse", lambda g, c, o: fuse.fuse(g)),
     ("layout", lambda g, c, o: layout.layout(g)),
     ("partition", lambda g, c, o: partition.partition(g, strict=o.get("strict", False),
@@ -76,7 +79,8 @@ class CompiledModel:
             for name in seg.nodes:
                 node = g.node(name)
                 layers.append({"name": name, "op": node.op, "onnx": node.onnx_op,
-                               "plan": str(node.plan) if node.plan is not None else ""})
+                               "plan": str(node.plan) if node.plan is not None else "",
+                               "skipped_blocks": sparse_blocks(node)})
             segs.append({"index": seg.index, "inputs": seg.inputs, "outputs": seg.outputs,
                          "instructions": prog.n_instructions if prog else 0,
                          "dram_bytes": seg.stats.get("dram_bytes", 0),
@@ -101,7 +105,10 @@ class CompiledModel:
                          f"{s['dram_bytes']} B ({s['const_bytes']} B constants)")
             for layer in s["layers"]:
                 if layer["plan"]:
-                    lines.append(f"  {layer['name'][:36]:36s} {layer['plan']}")
+                    skip = layer.get("skipped_blocks")
+                    note = f"; skipped {skip[0]}/{skip[1]} all-zero weight blocks" \
+                        if skip and skip[0] else ""
+                    lines.append(f"  {layer['name'][:36]:36s} {layer['plan']}{note}")
         lines.append("compile time: " + ", ".join(f"{k} {v:.2f}s"
                                                   for k, v in rep["timings"].items()))
         return "\n".join(lines)

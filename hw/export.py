@@ -89,11 +89,16 @@ def yosys_command() -> list[str]:
 
 def stats(config: str | NPUConfig, top: str = "npu", *, source: str | None = None,
           timeout: float = 3600) -> dict[str, int]:
-    """Synthesise ``top`` with Yosys (generic gates, memories kept) and count.
+    """Synthesise ``top`` with Yosys to generic gates (memories kept) and count.
 
     ``source`` is the design's Verilog if already generated (:func:`verilog` with its default
-    module name). Returns ``cells`` (cells after synthesis, each memory counted once),
-    ``flip_flops`` (flip-flop bits), ``memories`` (memory arrays) and ``memory_bits``.
+    module name). Returns ``cells`` (generic gate and flip-flop cells, each memory counted
+    once), ``flip_flops`` (flip-flop bits), ``memories`` (memory arrays) and ``memory_bits``.
+
+    The flow is Yosys' ``synth`` up to ``techmap`` (word-level optimisation, ``alumacc``,
+    ``share``, ``memory -nomap``), without its ``memory_map`` step (memories stay arrays, as
+    SRAM macros) and without ABC: WebAssembly ABC needs hours on the multiplier-rich cones, so
+    ``cells`` is an unoptimised gate count, an upper bound of what ABC would leave.
     """
     cfg = get_config(config)
     name = f"{cfg.name}_{top}"
@@ -101,14 +106,11 @@ def stats(config: str | NPUConfig, top: str = "npu", *, source: str | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         vfile, logfile = Path(tmp) / "design.v", Path(tmp) / "yosys.log"
         vfile.write_text(src)
-        # `synth` without its memory_map step: memories stay $mem cells (SRAM macros), the rest
-        # becomes generic gates and flip-flops.
         script = "; ".join([
             f"read_verilog -sv {vfile.name}", f"hierarchy -check -top {name}",
             "proc", "flatten", "opt_expr", "opt_clean", "check", "opt -nodffe -nosdff",
             "fsm", "opt", "wreduce", "peepopt", "opt_clean", "alumacc", "share", "opt",
-            "memory -nomap", "opt_clean", "opt -fast -full", "techmap", "opt -fast",
-            "abc", "opt -fast", "stat",
+            "memory -nomap", "opt_clean", "opt -fast -full", "techmap", "opt -fast", "stat",
         ])
         # Relative paths: yowasp's WebAssembly sandbox sees the working directory.
         proc = subprocess.run([*yosys_command(), "-q", "-l", logfile.name, "-p", script],

@@ -103,8 +103,58 @@ def random_case(config: str | NPUConfig, seed: int, i: int, count: int) -> Case:
 
 
 def random_cases(config: str | NPUConfig, count: int, seed: int = 0) -> list[Case]:
-    """``count`` random cases for ``config`` in the proportions of :data:`MIX`."""
-    return [random_case(config, seed, i, count) for i in range(count)]
+    """``count`` random cases for ``config`` in the proportions of :data:`MIX`, plus
+    :data:`RACES` fault-race cases per hundred (at least one of each kind)."""
+    cases = [random_case(config, seed, i, count) for i in range(count)]
+    n_race = max(len(RACE_KINDS), count // 100 * RACES)
+    return cases + [gather_race_case(config, seed, i) for i in range(n_race)]
+
+
+#: Fault-race cases per hundred random cases.
+RACES = 1
+#: What follows the faulting GATHER in a race case.
+RACE_KINDS = ("illegal", "bad_address", "watchdog", "overflow")
+
+
+def gather_race_case(config: str | NPUConfig, seed: int, i: int) -> Case:
+    """A GATHER whose index selects a row outside DRAM, followed by a second fault that the
+    hardware meets before it has read that index: an illegal instruction or a static
+    out-of-range address dispatched right after, a watchdog limit, or a token overflow.
+
+    The contract dates the GATHER's fault at its start cycle, so it wins on both sides; an
+    implementation that only learns of the bad index when it fetches the row must not let the
+    later fault through first.
+    """
+    from npu.builder import ProgramBuilder
+
+    cfg = get_config(config)
+    kind = RACE_KINDS[i % len(RACE_KINDS)]
+    rng = np.random.default_rng([seed, i, 7919])
+    b = ProgramBuilder(cfg, dram_bytes=cfg.acc_row_bytes * 8 + 4 * cfg.gather_max)
+    n = cfg.gather_max if kind == "overflow" else int(rng.integers(1, min(cfg.gather_max, 32) + 1))
+    bad = n - 1 if kind == "overflow" else int(rng.integers(0, n))
+    rows = np.zeros(n, dtype="<i4")
+    rows[bad] = int(rng.choice([-1, 1 << 20]))
+    idx = b.segment("indices", rows.view(np.uint8), addr=cfg.acc_row_bytes * 8)
+    b.segment("table", rng.integers(0, 256, cfg.acc_row_bytes * 8, dtype=np.uint8), addr=0)
+    b.gather(dram_addr=0, index_addr=idx, row_stride=cfg.acc_row_bytes, dst=0, n=n,
+             row_bytes=cfg.spad_row_bytes)
+    watchdog = None
+    raw: dict[int, list[int]] = {}
+    if kind == "illegal":
+        raw[b.sync("EX")] = [0xF, 0, 0, 0]
+    elif kind == "bad_address":
+        b.load(dram_addr=0, dram_stride_inner=0, dst=cfg.spad_rows, n_inner=1, row_bytes=1)
+    elif kind == "overflow":
+        for _ in range(cfg.token_max + 1):
+            b.sync("EX", signal="VX")
+    else:
+        watchdog = int(rng.integers(2, 4 * n // cfg.dram_beat_bytes + cfg.dram_latency + 2))
+    prog = b.build(validate=False, metadata={"fault": "race", "variant": f"gather_{kind}"})
+    for k, word in raw.items():
+        prog.instructions[k] = word
+    return Case(f"{cfg.name}/fault/race/{kind}/{i}", prog, watchdog=watchdog, validate=False,
+                category="fault/race")
 
 
 def _gemm_module() -> Any:

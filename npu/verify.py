@@ -63,9 +63,14 @@ VERILATOR_WAIVERS = ("-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-CASEINCOMPLETE
 _BUILD_VERSION = 1
 #: Timescale passed to every build (Amaranth's Verilog has none).
 TIMESCALE = ("1ns", "1ps")
-#: Smallest instruction memory / DRAM model of a simulation top: most programs share one build.
-MIN_IMEM_DEPTH = 1024
-MIN_DRAM_SIZE = 1 << 16
+#: Smallest instruction memory / DRAM model of a simulation top, for small arrays (test
+#: configs) and large ones (real programs): most programs of a config then share one build.
+MIN_IMEM_DEPTH = {"small": 1024, "large": 8192}
+MIN_DRAM_SIZE = {"small": 1 << 16, "large": 1 << 22}
+
+
+def _size_class(cfg: NPUConfig) -> str:
+    return "small" if cfg.rows <= 8 else "large"
 _TRACE_EVENTS = ("dispatch", "ready", "start", "complete", "retire")
 
 
@@ -700,9 +705,10 @@ def verify_cases(cases: Sequence[Case], *, sim: str = "verilator", engine: str =
             groups.setdefault(_group_key(case), []).append(i)
     for members in groups.values():
         cfg = cases[members[0]].program.config
-        imem = max(MIN_IMEM_DEPTH, _pow2(max(cases[i].program.n_instructions for i in members)
-                                         + 1))
-        dram = max(MIN_DRAM_SIZE, cfg.dram_beat_bytes,
+        size = _size_class(cfg)
+        imem = max(MIN_IMEM_DEPTH[size],
+                   _pow2(max(cases[i].program.n_instructions for i in members) + 1))
+        dram = max(MIN_DRAM_SIZE[size], cfg.dram_beat_bytes,
                    _pow2(max(cases[i].program.dram_bytes for i in members)))
         t = time.perf_counter()
         build = simtop_build(cfg, imem_depth=imem, dram_size=dram, sim=sim)

@@ -36,7 +36,8 @@ def _align(x: int) -> int:
 def tensor_bytes(t: Tensor, pad: tuple[int, int, int, int] = (0, 0, 0, 0)) -> int:
     """Bytes of an NPU tensor stored with physical padding ``pad`` (top, left, bottom, right)."""
     n, h, w, c = geometry(t)
-    itemsize = np.dtype(t.dtype).itemsize if t.dtype in ("int8", "int32", "uint8") else 1
+    # Integer index tensors (Gather) are stored as int32 whatever their ONNX type (int64).
+    itemsize = 4 if t.dtype in ("int32", "int64") else 1
     return n * (h + pad[0] + pad[2]) * (w + pad[1] + pad[3]) * c * itemsize
 
 
@@ -113,8 +114,9 @@ def allocate(graph: Graph, config: NPUConfig) -> Graph:
             _, h, w, c = geometry(tt)
             placements[t] = Placement(top + (pad[0] * (w + pad[1] + pad[3]) + pad[1]) * c, c,
                                       tuple(pad), value, buffer=t)
-            static_bytes[t] = bytes(np.full(size, value, dtype=np.int8).view(np.uint8))
-            consts[f"pad/{t}"] = (top, static_bytes[t])
+            if t not in seg.inputs:   # the host writes an input's border itself
+                static_bytes[t] = bytes(np.full(size, value, dtype=np.int8).view(np.uint8))
+                consts[f"pad/{t}"] = (top, static_bytes[t])
             top = _align(top + size)
             life.pop(t, None)
         # First-fit by lifetime for the rest.
@@ -149,6 +151,10 @@ def allocate(graph: Graph, config: NPUConfig) -> Graph:
             else:
                 _, _, _, c = geometry(tt)
                 tt.place = Placement(bp.addr, c, buffer=b)
+        # A tensor crossing segments has one placement per segment: emit restores this
+        # segment's before building its program (Tensor.place keeps the last one).
+        seg.stats["places"] = {t: graph.tensors[t].place for t in _segment_tensors(graph, seg)
+                               if graph.tensors[t].place is not None}
         seg.stats["dram_bytes"] = max(ALIGN, _align(top))
         seg.stats["const_bytes"] = sum(len(d) for _, d in consts.values())
         seg.stats["consts"] = consts

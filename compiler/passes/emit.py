@@ -238,7 +238,7 @@ class _ConvLayer(_Layer):
             self.div_index = np.searchsorted(uniq, divs)
         tiles = plan.spatial_tiles()
         self.items: list[dict[str, Any]] = []
-        blk_key, blk_loads, w_loads, sm_count = None, 0, 0, -1
+        blk_key, blk_loads, sm_count = None, 0, -1
         for si, tile in enumerate(tiles):
             for m in range(plan.coc):
                 groups = [kg for kg in range(plan.kgroups) if (m, kg) in plan.seq]
@@ -250,16 +250,15 @@ class _ConvLayer(_Layer):
                         blk_key = key
                         blk_loads += 1
                     seq = plan.seq[(m, kg)]
-                    fresh = [t for _, t in seq if t >= 0]
-                    if fresh and not plan.resident:
-                        w_loads += 1
                     self.items.append(dict(
                         tile=tile, m=m, kg=kg, seq=seq, first=gi == 0,
                         last=gi == len(groups) - 1, load_block=load_block,
-                        blk_slot=(blk_loads - 1) % plan.in_slots, sm=sm_count,
-                        w_slot=(w_loads - 1) % 2, fresh=fresh))
+                        blk_slot=(blk_loads - 1) % plan.in_slots, sm=sm_count))
         self.n_items = len(self.items)
-        self.w_slot_rows = (self.spad["w"][1] // 2) if not plan.resident else 0
+        # Streamed weights: tiles (stored in consumption order) in sub-blocks of w_sub,
+        # through a ring of w_ring sub-blocks.
+        self.n_tiles = len(plan.tiles)
+        self.n_sub = -(-self.n_tiles // plan.w_sub)
         self.mt = align(plan.oh_t * plan.ow_t, cfg.rows)       # slot stride (aligned)
         self.blk_stride = align(plan.block_rows, cfg.rows)
 
@@ -293,11 +292,22 @@ class _ConvLayer(_Layer):
             return self.acc["par"][0] + 3 * (it["m"] if self.plan.kind != "avgpool" else 0)
         return self.acc["par"][0] + 3 * (it["sm"] % 2)
 
-    def _w_addr(self, it: dict[str, Any], t: int) -> int:
-        r = self.cfg.rows
-        if self.plan.resident:
+    def _w_addr(self, t: int) -> int:
+        r, p = self.cfg.rows, self.plan
+        if p.resident:
             return self.spad["w"][0] + t * r
-        return self.spad["w"][0] + it["w_slot"] * self.w_slot_rows + (t - it["fresh"][0]) * r
+        return self.spad["w"][0] + ((t // p.w_sub) % p.w_ring) * p.w_sub * r + (t % p.w_sub) * r
+
+    def _load_sub(self, b: int) -> None:
+        """LOAD weight sub-block ``b`` into its ring slot (if it exists)."""
+        if b >= self.n_sub:
+            return
+        r, p = self.cfg.rows, self.plan
+        t0 = b * p.w_sub
+        nt = min(p.w_sub, self.n_tiles - t0)
+        self.s.load(dram_addr=self.w_dram + t0 * r * r, n_inner=r, dram_stride_inner=r,
+                    n_outer=nt, dram_stride_outer=r * r, row_bytes=r, dst=self._w_addr(t0),
+                    dst_stride_outer=r if nt > 1 else 0)
 
     # Parts ------------------------------------------------------------------------------------
     def ldw(self, i: int) -> None:
@@ -309,13 +319,9 @@ class _ConvLayer(_Layer):
             s.load(dram_addr=self.w_dram, n_inner=r, dram_stride_inner=r, n_outer=nt,
                    dram_stride_outer=r * r, row_bytes=r, dst=self.spad["w"][0],
                    dst_stride_outer=r if nt > 1 else 0)
-        if not p.resident and it["fresh"]:
-            t0, t1 = it["fresh"][0], it["fresh"][-1]
-            nt = t1 - t0 + 1
-            s.load(dram_addr=self.w_dram + t0 * r * r, n_inner=r, dram_stride_inner=r,
-                   n_outer=nt, dram_stride_outer=r * r, row_bytes=r,
-                   dst=self.spad["w"][0] + it["w_slot"] * self.w_slot_rows,
-                   dst_stride_outer=r if nt > 1 else 0)
+        if i == 0 and not p.resident:
+            for b in range(p.w_ring - 1):     # prefetch: the ring minus the slot in use
+                self._load_sub(b)
         if i == 0 and (p.params_resident or p.kind == "avgpool"):
             rows = self.par_rows
             s.load(dram_addr=self.par_dram, n_inner=rows, dram_stride_inner=acc_row_bytes,
@@ -374,11 +380,15 @@ class _ConvLayer(_Layer):
         base = self._blk_base(it)
         acc = self._acc(it)
         kg0 = it["kg"] * p.chunks_per_group
+        stream = not p.resident
         for n, (k, t) in enumerate(it["seq"]):
             ky, kx, j = p.ktiles[k]
             jj = j - kg0
             if t >= 0:
-                s.preload(self._w_addr(it, t))
+                if stream and t % p.w_sub == 0:
+                    # Refill the slot the previous sub-block just left.
+                    self._load_sub(t // p.w_sub + p.w_ring - 1)
+                s.preload(self._w_addr(t))
             accumulate = 0 if (it["first"] and n == 0) else 1
             if p.mode == "rows":
                 s.matmul(spad_addr=base + jj * th * tw, acc_addr=acc, n_inner=th * tw,
@@ -675,6 +685,8 @@ def _disjoint(nxt: Node, cur: Node) -> bool:
 def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = None) -> Program:
     """Build the program of one segment."""
     dram_bytes = int(seg.stats["dram_bytes"])
+    for t, place in seg.stats.get("places", {}).items():
+        graph.tensors[t].place = place      # this segment's placements (see allocate)
     s = Stream(cfg, dram_bytes, int(seg.stats.get("const_end", 0)))
     layers: list[tuple[Node, _Layer]] = []
     for name in seg.nodes:

@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 from npu.compiler.errors import CompileError
 from npu.compiler.frontend import graph_inputs, node_label, value_shapes
 from npu.compiler.ir import Graph, Node, Quant, Tensor
+from npu.compiler.passes import families
 from npu.compiler.qmath import add_step, multipliers, quantize_scalar, requant_scales, rescale_step
 
 __all__ = ["legalize", "Unsupported"]
@@ -387,6 +388,8 @@ class _Legalizer:
                                {"group": group, **sp, "kind": "conv"})
 
     def gemm(self, node: onnx.NodeProto, label: str) -> Node:
+        if families.is_const_left(self, node):
+            return families.const_left(self, node, label)   # A @ X, A constant (GNNs)
         a = _attrs(node)
         if a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0 or \
                 float(a.get("beta", 1.0)) != 1.0:
@@ -411,6 +414,8 @@ class _Legalizer:
                                ws, bias, _dense_attrs())
 
     def matmul(self, node: onnx.NodeProto, label: str) -> Node:
+        if families.is_const_left(self, node):
+            return families.const_left(self, node, label)   # A @ X, A constant (GNNs)
         x, xq = self.m.act(node.input[0])
         if node.input[1] not in self.m.producer or \
                 self.m.producer[node.input[1]].input[0] not in self.m.consts:

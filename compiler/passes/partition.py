@@ -92,6 +92,27 @@ def _segment_levels(graph: Graph) -> None:
             node.attrs["phase"] = phase // 2    # runs before segment phase//2 (after k-1)
         for o in node.outputs:
             avail[o] = phase
+    _colocate_views(graph)
+
+
+def _colocate_views(graph: Graph) -> None:
+    """Move the nodes writing a concat's views into the concat's segment.
+
+    A view's bytes live in its base tensor, which only the concat's segment holds; a copy of
+    an early input (e.g. a graph input) would otherwise land in an earlier segment and write
+    into that segment's DRAM. Views are read by nothing but their concat, so running their
+    producers later is safe. Reverse order lets nested concats pass their segment down.
+    """
+    producer = graph.producer()
+    for node in reversed(graph.nodes):
+        if node.device != "npu" or node.op != "concat":
+            continue
+        for t in node.inputs:
+            p = producer.get(t)
+            tt = graph.tensors.get(t)
+            if p is not None and p.device == "npu" and tt is not None and \
+                    tt.view_of is not None and p.segment < node.segment:
+                p.segment = node.segment
 
 
 def _segment(graph: Graph, idx: int, nodes: list[Node], observe: Any) -> Segment:

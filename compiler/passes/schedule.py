@@ -70,8 +70,7 @@ def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
         if plan.resident:
             w_rows = max(1, len(plan.tiles)) * r
         else:
-            per = max(sum(1 for _, t in lst if t >= 0) for lst in plan.seq.values())
-            w_rows = 2 * max(1, per) * r
+            w_rows = plan.w_ring * plan.w_sub * r
         spad = [("in", plan.in_slots * align(plan.block_rows, r)), ("w", w_rows),
                 ("out", 2 * mt)]
         spad += [(f"op{i}", 2 * mt) for i in range(len(operands))]

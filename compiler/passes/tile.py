@@ -13,8 +13,8 @@ then stay in ACC). Every choice is derived from :class:`npu.isa.NPUConfig` and t
   puts kernel-width offsets x channels into the reduction dimension for layers with few input
   channels (a LOAD row reads ``kw*C`` neighbouring NHWC bytes from a physically padded input);
 * weights stay resident in SPAD when they fit beside double-buffered blocks, else they stream
-  per output chunk (double-buffered); the cheaper of the two by a small cost model of array,
-  DMA and per-item overhead cycles wins;
+  through a small ring of sub-blocks whose loads are interleaved with the matmuls; the cheaper
+  of the two by a small cost model of array, DMA and per-item overhead cycles wins;
 * all-zero weight tiles (grouped/depthwise convolutions) are skipped, and consecutive identical
   tiles (the identity tiles of average pooling) are preloaded once.
 """
@@ -33,6 +33,12 @@ from npu.isa import NPUConfig
 __all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "ReorderPlan", "tile", "conv_tiles",
            "PACKED_MAX_C"]
 
+#: Streamed weights flow through a ring of this many sub-blocks in SPAD: the LOAD of sub-block
+#: c + W_RING - 1 is issued just before the matmuls of sub-block c, so weights arrive while the
+#: array works, whatever an item's size (see emit).
+W_RING = 4
+#: Most weight tiles one streaming LOAD moves.
+W_SUB_MAX = 64
 #: Packing kernel offsets into the reduction is considered for inputs with at most this many
 #: channels (e.g. the RGB first layer); it must also need fewer K tiles than the plain form.
 PACKED_MAX_C = 8
@@ -83,6 +89,8 @@ class ConvPlan:
     seq: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     tiles: np.ndarray | None = field(default=None, repr=False)
     params_resident: bool = True
+    w_sub: int = 1                  # streamed weights: tiles per LOAD (a ring sub-block)
+    w_ring: int = W_RING            # streamed weights: sub-blocks in the SPAD ring
     est_cycles: int = 0
     macs: int = 0
 
@@ -374,10 +382,11 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
                 w_rows_total = unique_total * r
                 per_group = np.zeros((coc, ngroups), dtype=np.int64)
                 np.add.at(per_group, (slice(None), j_of // g), nonzero.astype(np.int64))
-                w_rows_item = (1 if kind == "avgpool" else int(per_group.max())) * r
+                w_sub = max(1, min(W_SUB_MAX, 1 if kind == "avgpool" else
+                                   int(per_group.max())))
                 fixed = 2 * _al(mt, r) * (1 + extra_operands)
                 for resident in (True, False):
-                    wr = w_rows_total if resident else 2 * w_rows_item
+                    wr = w_rows_total if resident else W_RING * w_sub * r
                     need = in_slots * _al(block, r) + wr + fixed + 4 * r  # + region rounding
                     if need > spad_budget:
                         continue
@@ -388,7 +397,7 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
                         best = ConvPlan(kind, mode, n, h, w, c, oh, ow, cout, kh, kw, sy, sx,
                                         dy, dx, pads, cj, coc, oh_t, ow_t, g, resident,
                                         in_slots, br, bc, params_resident=params_res,
-                                        est_cycles=est, macs=macs)
+                                        w_sub=w_sub, est_cycles=est, macs=macs)
     if best is None:
         raise CompileError(f"no tiling fits SPAD ({cfg.spad_rows} rows) and ACC "
                            f"({cfg.acc_rows} rows) of {cfg.name}", node.name, node.onnx_op)

@@ -1,0 +1,119 @@
+"""Lowering that fits each model family (issue 7 item 2), against onnxruntime on the QDQ model.
+
+GNN aggregation with a constant adjacency (block-sparse transposed matmul), GraphSAGE's Gather
+of node rows, and the fixes they needed (int32 index tables, per-segment placements, concat
+views kept in their concat's segment).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from npu.compiler.ir import Tensor
+from npu.compiler.passes.allocate import tensor_bytes
+from npu.compiler.session import InferenceSession
+from npu.models import checks, gnn
+from npu.models.zoo import MODELS, calibration_data
+
+R = 16  # npu16 array side
+
+
+def _const_left_model(a: np.ndarray, f: int) -> onnx.ModelProto:
+    """Y = A @ X with a constant A [N, K] and an input X [K, F]."""
+    n, k = a.shape
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "X"], ["Y"], name="agg")], "const_left",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [k, f])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, f])],
+        [numpy_helper.from_array(a.astype(np.float32), "A")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _zero_blocks(a: np.ndarray, r: int) -> int:
+    """All-zero r x r blocks of A (padded to multiples of r): the weight tiles of A^T."""
+    n, k = a.shape
+    pad = np.zeros((-(-n // r) * r, -(-k // r) * r), a.dtype)
+    pad[:n, :k] = a
+    blocks = pad.reshape(pad.shape[0] // r, r, pad.shape[1] // r, r)
+    return int((~blocks.any(axis=(1, 3))).sum())
+
+
+def _npu_layers(sess: InferenceSession) -> dict[str, dict]:
+    rep = sess.compiled.report()
+    return {layer["name"]: layer for s in rep["segments"] for layer in s["layers"]}
+
+
+def _assert_int8_identical(sess: InferenceSession, feeds: dict[str, np.ndarray]) -> None:
+    agreement = checks.int8_agreement(sess, feeds)
+    assert agreement.identical >= 0.99, agreement
+    assert agreement.max_diff <= 1, agreement
+
+
+def test_const_left_matmul_is_block_sparse_on_the_npu() -> None:
+    rng = np.random.default_rng(0)
+    n, f = 80, 24                               # N not a multiple of the array: edge tiles
+    a = np.zeros((n, n), np.float32)
+    for b0 in range(0, n, 20):                  # block-diagonal communities of 20 nodes
+        blk = rng.random((20, 20)) < 0.4
+        a[b0:b0 + 20, b0:b0 + 20] = blk * rng.uniform(0.1, 0.9, (20, 20))
+    # A weighted adjacency with self loops of weight 1: every column has the same maximum, so
+    # onnxruntime's per-column scales of A are all equal and the lowering is exact.
+    np.fill_diagonal(a, 1.0)
+    model = _const_left_model(a, f)
+    calib = [{"X": rng.normal(size=(n, f)).astype(np.float32)} for _ in range(4)]
+    sess = InferenceSession(model, "npu16", calibration=calib)
+    rep = sess.compiled.report()
+    assert not rep["host_fallbacks"], rep["host_fallbacks"]
+    layer = _npu_layers(sess)["agg"]
+    skipped, total = layer["skipped_blocks"]
+    assert total == (-(-n // R)) ** 2
+    assert skipped == _zero_blocks(a, R) > 0
+    assert f"skipped {skipped}/{total} all-zero weight blocks" in sess.compiled.report_text()
+    _assert_int8_identical(sess, {"X": rng.normal(size=(n, f)).astype(np.float32)})
+
+
+def test_gin_karate_runs_entirely_on_the_npu() -> None:
+    sess = checks._session(MODELS["gin_karate"](), "npu16", calibration_data("gin_karate", 4))
+    rep = sess.compiled.report()
+    assert not rep["host_fallbacks"], rep["host_fallbacks"]
+    assert len(rep["segments"]) == 1
+    _assert_int8_identical(sess, calibration_data("gin_karate", 5, seed=1)[-1])
+
+
+def test_gin_on_a_block_banded_graph_skips_zero_blocks() -> None:
+    data = gnn.sbm_graph(n_nodes=512, n_features=16)
+    feeds = gnn.gnn_feeds("gin", data)
+    sess = InferenceSession(gnn.gin(data, hidden=16), "npu16", calibration=[feeds])
+    layers = _npu_layers(sess)
+    a = gnn.gin_adjacency(data.adjacency).toarray()
+    for name in ("gin1.agg_node", "gin2.agg_node"):
+        skipped, total = layers[name]["skipped_blocks"]
+        assert (skipped, total) == (_zero_blocks(a, R), (512 // R) ** 2)
+        assert skipped > total // 2            # communities of 32 nodes: mostly zero blocks
+    _assert_int8_identical(sess, feeds)
+
+
+def test_gcn_gemm_with_bias_stays_on_the_host_with_a_reason() -> None:
+    sess = checks._session(MODELS["gcn_karate"](), "npu16", calibration_data("gcn_karate", 4))
+    reasons = [r["reason"] for r in sess.compiled.report()["host_fallbacks"]
+               if r["op"] == "Gemm"]
+    assert reasons and all("per-row bias" in r for r in reasons)
+
+
+def test_graphsage_gathers_on_the_npu() -> None:
+    sess = checks._session(MODELS["graphsage_karate"](), "npu16",
+                           calibration_data("graphsage_karate", 4))
+    gathers = [r for r in sess.compiled.report()["nodes"] if r["op"] == "Gather"]
+    assert len(gathers) == 2 and all(r["where"].startswith("npu") for r in gathers), gathers
+    _assert_int8_identical(sess, calibration_data("graphsage_karate", 5, seed=1)[-1])
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_index_tables_are_sized_as_int32(dtype: str) -> None:
+    """GATHER reads int32 indices: an int64 ONNX index tensor still takes 4 bytes per index in
+    DRAM (it was sized 1 byte each, so the next tensor overwrote the indices)."""
+    t = Tensor("nbr", (34, 10), dtype, layout="rows")
+    assert tensor_bytes(t) == 34 * 10 * 4
