@@ -175,12 +175,12 @@ class InferenceSession:
 
     ``model`` is an ONNX path, bytes or ModelProto (float: give ``calibration``; QDQ: taken as
     it is), or a :class:`CompiledModel`. ``engine`` picks the simulator ("numba" or
-    "reference"); ``validate`` checks every program before it runs (slower on big models).
+    "reference"); ``validate`` checks every program (encodings, addresses) before it runs.
     """
 
     def __init__(self, model: ModelSource | CompiledModel, config: str | NPUConfig = "npu16",
                  calibration: Calibration | None = None, *, strict: bool = False,
-                 batch: int | None = None, engine: str = "numba", validate: bool = False,
+                 batch: int | None = None, engine: str = "numba", validate: bool = True,
                  progress: bool = False, observe: Any = (), quantize_all: bool = False,
                  providers: Sequence[str] | None = None) -> None:
         if isinstance(model, CompiledModel):

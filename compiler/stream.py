@@ -61,6 +61,7 @@ class _Space:
         n = -(-size // block) + 1
         self.writers = {e: [-1] * n for e in writers}
         self.readers = {e: [-1] * n for e in readers}
+        self._wlist = list(self.writers.items())
         self.pending: dict[tuple[int, int, int], int] = {}   # reads not applied to readers
         self.cache: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
         self.last: tuple[int, int, int] | None = None      # a write nothing touched since
@@ -75,14 +76,16 @@ class _Space:
     def read(self, lo: int, hi: int, eng: int, idx: int, deps: list[int]) -> None:
         b = self.block
         a, z = lo // b, -(-hi // b)
-        self._settle()
+        if self.last is not None:
+            self._settle()
         key = (a, z, eng)
         hit = self.cache.get(key)
         if hit is None:
             if z - a == 1:
-                hit = tuple((e, arr[a]) for e, arr in self.writers.items() if e != eng)
+                hit = tuple((e, arr[a]) for e, arr in self._wlist if e != eng and arr[a] >= 0)
             else:
-                hit = tuple((e, max(arr[a:z])) for e, arr in self.writers.items() if e != eng)
+                hit = tuple((e, m) for e, arr in self._wlist if e != eng
+                            for m in (max(arr[a:z]),) if m >= 0)
             self.cache[key] = hit
         for e, m in hit:
             if m > deps[e]:

@@ -170,6 +170,7 @@ class Control(wiring.Component):
             "imem": In(memory.ReadPort.Signature(addr_width=ceil_log2(cfg.imem_depth),
                                                  shape=isa.INSTR_BITS)),
             "gather_fault": In(FaultLayout(cfg)),
+            "gather_busy": In(1),         # a GATHER is in the LD unit, checking its indices
             "trace": Out(TraceLayout(cfg)),
         }
         for u in UNITS:
@@ -177,6 +178,7 @@ class Control(wiring.Component):
         super().__init__(members)
 
     def unit_port(self, unit: Unit) -> Any:
+        """The start stream of ``unit``."""
         return getattr(self, _unit_name(unit))
 
     def elaborate(self, platform: Any) -> Module:  # noqa: C901 - one cycle of the model
@@ -228,10 +230,12 @@ class Control(wiring.Component):
         pending = comb_signal(m, _or([(queues[e].level != 0) | (left[e] != 0) for e in Engine]))
         end_now = comb_signal(m, running & ~overflow & halted & ~pending)
         limit_now = comb_signal(m, running & ~overflow & ~end_now & (t >= self.watchdog))
-        oldest = _min_index(m,
-            [(left[e] != 0, Mux(ret[e], inflight[e].head2.index, inflight[e].head.index))
-             for e in Engine] + [(queues[e].level != 0, queues[e].head.index) for e in Engine],
-            pc)
+        # The oldest pending instruction: an engine's next in flight (its second entry when the
+        # head retires now), else its queue head.
+        candidates = [(left[e] != 0, Mux(ret[e], inflight[e].head2.index,
+                                         inflight[e].head.index)) for e in Engine]
+        candidates += [(queues[e].level != 0, queues[e].head.index) for e in Engine]
+        oldest = _min_index(m, candidates, pc)
         go = comb_signal(m, running & ~overflow & ~end_now & ~limit_now)  # phases 2, 3 run
 
         # ---- phase 2: start ----------------------------------------------------------------
@@ -337,10 +341,29 @@ class Control(wiring.Component):
                                 pc)
 
         # ---- state update ------------------------------------------------------------------
+        # A fault stops the machine. The contract dates a bad GATHER index at the GATHER's start,
+        # but the LD unit sees the index only when it has read it: a fault raised while a GATHER
+        # is still checking its indices is held until the GATHER has finished them, and the
+        # GATHER's fault (which happened first) replaces it if there is one.
         status = self.status
+        held = Signal()
+        held_code, held_cycle, held_index = Signal(3), Signal(CYCLE_BITS), Signal(iw)
+
+        def report(code: Value | int, cycle: Value, index: Value) -> None:
+            m.d.sync += [running.eq(0), held.eq(0), status.fault.eq(1), status.code.eq(code),
+                         status.fault_cycle.eq(cycle), status.fault_index.eq(index),
+                         status.cycles.eq(cycle)]
+
+        def fault(code: Fault, cycle: Value, index: Value) -> None:
+            with m.If(self.gather_busy):
+                m.d.sync += [running.eq(0), held.eq(1), held_code.eq(int(code)),
+                             held_cycle.eq(cycle), held_index.eq(index)]
+            with m.Else():
+                report(int(code), cycle, index)
+
         with m.If(begin):
             m.d.sync += [running.eq(1), t.eq(0), pc.eq(0), halted.eq(0), active.eq(0),
-                         preload_done.eq(0), vx_done.eq(0),
+                         preload_done.eq(0), vx_done.eq(0), held.eq(0),
                          status.done.eq(0), status.fault.eq(0), status.code.eq(0),
                          status.fault_cycle.eq(0), status.fault_index.eq(0),
                          status.cycles.eq(0)]
@@ -351,15 +374,9 @@ class Control(wiring.Component):
             m.d.sync += [t.eq(t + 1), pc.eq(pc_next)]
             with m.If(disp & is_halt):
                 m.d.sync += halted.eq(1)
-
-            def fault(code: Fault, cycle: Value, index: Value) -> None:
-                m.d.sync += [running.eq(0), status.fault.eq(1), status.code.eq(int(code)),
-                             status.fault_cycle.eq(cycle), status.fault_index.eq(index),
-                             status.cycles.eq(cycle)]
-
             with m.If(self.gather_fault.valid):  # dated at the GATHER's start: first
-                fault(Fault.ADDRESS_OUT_OF_RANGE, self.gather_fault.cycle,
-                      self.gather_fault.index)
+                report(int(Fault.ADDRESS_OUT_OF_RANGE), self.gather_fault.cycle,
+                       self.gather_fault.index)
             with m.Elif(overflow):
                 fault(Fault.TOKEN_OVERFLOW, t, ovf_index)
             with m.Elif(end_now):
@@ -372,6 +389,12 @@ class Control(wiring.Component):
                 fault(Fault.ADDRESS_OUT_OF_RANGE, t, pc)
             with m.Elif(deadlock):
                 fault(Fault.TOKEN_DEADLOCK, t, queued_min)
+        with m.Elif(held):
+            with m.If(self.gather_fault.valid):
+                report(int(Fault.ADDRESS_OUT_OF_RANGE), self.gather_fault.cycle,
+                       self.gather_fault.index)
+            with m.Elif(~self.gather_busy):
+                report(held_code, held_cycle, held_index)
         m.d.comb += status.running.eq(running)
 
         # ---- trace -------------------------------------------------------------------------

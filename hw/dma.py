@@ -39,7 +39,7 @@ class LoadUnit(wiring.Component):
     A GATHER reads its ``cdiv(4n, beat)`` index beats, waits ``dram_latency`` cycles for the last
     one, then fetches one row per index; an index whose row lies outside DRAM raises ``fault``
     (reported with the GATHER's index and start cycle, as the contract dates it) when that row
-    is reached.
+    is reached. ``gather_busy`` tells the control that a GATHER may still raise it.
     """
 
     def __init__(self, cfg: NPUConfig) -> None:
@@ -53,6 +53,7 @@ class LoadUnit(wiring.Component):
             "acc_w": sigs["acc_w"],
             "fault": Out(FaultLayout(cfg)),
             "busy": Out(1),
+            "gather_busy": Out(1),
         })
 
     def elaborate(self, platform: Any) -> Module:
@@ -77,7 +78,7 @@ class LoadUnit(wiring.Component):
         phase_r = Signal(2)
         phase = Mux(go, Mux(gather, P_INDEX, P_LOAD), phase_r)
         active = go | running
-        m.d.comb += self.busy.eq(active)
+        m.d.comb += [self.busy.eq(active), self.gather_busy.eq(active & gather)]
 
         # LOAD walk: runs x rows x beats (fill: one cycle per row).
         bpr_ld = Mux(ld.fill, 1, _cdiv_pow2(ld.row_bytes, beat))
@@ -90,10 +91,11 @@ class LoadUnit(wiring.Component):
         # GATHER: one counter `k` (index beats, wait cycles, beats of a row) and the row `i`.
         ib = _cdiv_pow2(4 * ga.n, beat)
         bpr_ga = _cdiv_pow2(ga.row_bytes, beat)
-        k_r, i_r = Signal(16), Signal(16)
+        lat = cfg.dram_latency
+        k_max = max(-(-4 * cfg.gather_max // beat), lat, -(-cfg.acc_row_bytes // beat))
+        k_r, i_r = Signal(k_max.bit_length()), Signal(17)
         k = Mux(go, 0, k_r)
         i = Mux(go, 0, i_r)
-        lat = cfg.dram_latency
         last_row_beat = k == bpr_ga - 1
         with m.If(active):
             with m.Switch(phase):
@@ -126,7 +128,7 @@ class LoadUnit(wiring.Component):
         ib_w = ibuf.write_port(granularity=gran)
         ib_r = ibuf.read_port(transparent_for=(ib_w,))
         # The index of row i is read one cycle before the row's first beat.
-        want = Signal(16)
+        want = Signal(17)
         m.d.comb += want.eq(Mux(phase == P_WAIT, 0, i + 1))
         ib_shift = exact_log2(ibw) - 2  # indices per buffer row = 2**ib_shift
         m.d.comb += ib_r.addr.eq(want >> ib_shift)

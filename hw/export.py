@@ -10,6 +10,7 @@ compiler would provide them.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -104,33 +105,30 @@ def stats(config: str | NPUConfig, top: str = "npu", *, source: str | None = Non
     name = f"{cfg.name}_{top}"
     src = source if source is not None else verilog(cfg, top, name=name)
     with tempfile.TemporaryDirectory() as tmp:
-        vfile, logfile = Path(tmp) / "design.v", Path(tmp) / "yosys.log"
-        vfile.write_text(src)
+        (Path(tmp) / "design.v").write_text(src)
         script = "; ".join([
-            f"read_verilog -sv {vfile.name}", f"hierarchy -check -top {name}",
-            "proc", "flatten", "opt_expr", "opt_clean", "check", "opt -nodffe -nosdff",
-            "fsm", "opt", "wreduce", "peepopt", "opt_clean", "alumacc", "share", "opt",
-            "memory -nomap", "opt_clean", "opt -fast -full", "techmap", "opt -fast", "stat",
+            "read_verilog -sv design.v", f"hierarchy -check -top {name}", "proc", "flatten",
+            "tee -q -o memories.json stat -json",      # memories before they become cells
+            "opt_expr", "opt_clean", "check", "opt -nodffe -nosdff", "fsm", "opt", "wreduce",
+            "peepopt", "opt_clean", "alumacc", "share", "opt", "memory -nomap", "opt_clean",
+            "opt -fast -full", "techmap", "opt -fast",
+            "tee -q -o cells.json stat -json",
         ])
         # Relative paths: yowasp's WebAssembly sandbox sees the working directory.
-        proc = subprocess.run([*yosys_command(), "-q", "-l", logfile.name, "-p", script],
-                              capture_output=True, text=True, timeout=timeout, cwd=tmp)
-        log = logfile.read_text() if logfile.exists() else ""
+        proc = subprocess.run([*yosys_command(), "-q", "-p", script], capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp)
         if proc.returncode != 0:
             raise RuntimeError(f"yosys failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return _parse_stat(log)
+        return _parse_stat((Path(tmp) / "memories.json").read_text(),
+                           (Path(tmp) / "cells.json").read_text())
 
 
-def _parse_stat(log: str) -> dict[str, int]:
-    """Counts from the last ``stat`` report of a Yosys log."""
-    tail = log[log.rfind("Number of wires"):] if "Number of wires" in log else log
-
-    def grab(pattern: str) -> int:
-        hits = re.findall(pattern, tail)
-        return int(hits[-1]) if hits else 0
-
-    flip_flops = sum(int(n) for n in re.findall(r"\$_[A-Z]*DFF[A-Z]*_[01NP_]*\s+(\d+)", tail))
-    return {"cells": grab(r"Number of cells:\s+(\d+)"),
-            "flip_flops": flip_flops,
-            "memories": grab(r"Number of memories:\s+(\d+)"),
-            "memory_bits": grab(r"Number of memory bits:\s+(\d+)")}
+def _parse_stat(memories_json: str, cells_json: str) -> dict[str, int]:
+    """Counts from two ``stat -json`` reports: memories before ``memory_collect`` (after it
+    they are cells), cells and flip-flops after ``techmap``."""
+    mem = json.loads(memories_json)["design"]
+    cells = json.loads(cells_json)["design"]
+    by_type = cells.get("num_cells_by_type", {})
+    flip_flops = sum(n for cell, n in by_type.items() if re.fullmatch(r"\$_\w*DFF\w*_", cell))
+    return {"cells": int(cells["num_cells"]), "flip_flops": int(flip_flops),
+            "memories": int(mem["num_memories"]), "memory_bits": int(mem["num_memory_bits"])}

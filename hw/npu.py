@@ -97,7 +97,8 @@ class NPU(wiring.Component):
         m.d.comb += [ctl.start.eq(self.start), ctl.n_instr.eq(self.n_instr),
                      ctl.dram_bytes.eq(self.dram_bytes), ctl.watchdog.eq(self.watchdog),
                      self.status.eq(ctl.status), self.trace.eq(ctl.trace),
-                     ld.dram_bytes.eq(self.dram_bytes), ctl.gather_fault.eq(ld.fault)]
+                     ld.dram_bytes.eq(self.dram_bytes), ctl.gather_fault.eq(ld.fault),
+                     ctl.gather_busy.eq(ld.gather_busy)]
 
         wiring.connect(m, ctl.unit_port(Unit.LD_DMA), ld.start)
         wiring.connect(m, ctl.unit_port(Unit.EX_WEIGHTS), ex.preload)

@@ -28,11 +28,13 @@ from .control import StatusLayout
 from .dram import DRAM_ADDR_BITS, DRAMModel
 from .npu import NPU
 
-__all__ = ["NPUSimTop", "HWResult", "Session", "session", "run", "TRACE_EVENTS"]
+__all__ = ["NPUSimTop", "HWResult", "Session", "session", "run", "TRACE_EVENTS", "NEVER"]
 
-#: Per-instruction trace memories; "never" reads as -1 in :class:`HWResult`.
+#: Per-instruction trace memories, each holding a cycle number. They start at zero (no
+#: initial contents to emit for a 64K-deep memory); a testbench writes :data:`NEVER` into the
+#: entries of a program before starting it, so that "never got there" reads as NEVER.
 TRACE_EVENTS = ("dispatch", "ready", "start", "complete", "retire")
-_NEVER = (1 << CYCLE_BITS) - 1
+NEVER = (1 << CYCLE_BITS) - 1
 
 
 class NPUSimTop(wiring.Component):
@@ -53,14 +55,14 @@ class NPUSimTop(wiring.Component):
         self.npu = NPU(cfg, imem_init=program, debug=True)
         self.dram = DRAMModel(cfg, dram_size, init=dram)
         self.trace_depth = max(2, trace_depth if trace_depth is not None else cfg.imem_depth)
-        self.traces = {ev: MemoryData(shape=CYCLE_BITS, depth=self.trace_depth,
-                                      init=[_NEVER] * self.trace_depth) for ev in TRACE_EVENTS}
+        self.traces = {ev: MemoryData(shape=CYCLE_BITS, depth=self.trace_depth, init=[])
+                       for ev in TRACE_EVENTS}
         iw = ceil_log2(self.trace_depth)
         super().__init__({
             "start": In(1),
             "n_instr": In(index_bits(cfg)),
             "dram_bytes": In(DRAM_ADDR_BITS + 1),
-            "watchdog": In(CYCLE_BITS, init=min(cfg.watchdog_cycles, _NEVER)),
+            "watchdog": In(CYCLE_BITS, init=min(cfg.watchdog_cycles, NEVER)),
             "status": Out(StatusLayout(cfg)),
             # Host ports for testbenches that load and read through pins (cocotb/Verilator):
             # instruction memory writes, DRAM by aligned beat, SPAD/ACC and trace reads (data
@@ -215,6 +217,9 @@ class Session:
         for addr in np.flatnonzero(image).tolist():
             lane, row = top.dram.lane_row(addr)
             ctx.set(Value.cast(top.dram.lanes[lane][row]), int(image[addr]))
+        for mem in top.traces.values():
+            for i in range(len(words)):
+                ctx.set(Value.cast(mem[i]), NEVER)
         ctx.set(top.n_instr, len(words))
         ctx.set(top.dram_bytes, job["dram_bytes"])
         if job["watchdog"] is not None:
@@ -246,7 +251,7 @@ class Session:
         for ev, mem in top.traces.items():
             vals = np.array([ctx.get(Value.cast(mem[i])) for i in range(len(words))],
                             dtype=np.int64)
-            traces[ev] = np.where(vals == _NEVER, -1, vals)
+            traces[ev] = np.where(vals == NEVER, -1, vals)
         out["trace"] = traces
 
 

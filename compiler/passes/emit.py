@@ -44,6 +44,7 @@ from npu.program import Segment as DramSegment
 __all__ = ["emit", "emit_segment", "node_constants"]
 
 _ELT_MAX_N = 4095     # ELTWISE n_inner / n_outer are 12-bit fields
+_STREAM_AHEAD = 4     # input chunks loaded ahead of the matmuls in a layer's first item
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,22 +127,29 @@ class _View:
 
 
 def _load_block(s: Stream, v: _View, cfg: NPUConfig, b: int, iy0: int, ix0: int, br: int,
-                bc: int, chunks: list[int], dst: int, fill: int) -> None:
+                bc: int, chunks: list[int], dst: int, fill: int,
+                only: list[int] | None = None, fills: bool = True) -> None:
     """Input rows [iy0, iy0+br) x cols [ix0, ix0+bc) of chunks into SPAD [chunk][row][col],
-    positions outside the tensor filled with ``fill``."""
+    positions outside the tensor filled with ``fill``. ``only`` restricts the chunk loads to
+    these positions in ``chunks``; ``fills=False`` skips the padding fills."""
     r = cfg.rows
     cs = br * bc
     nch = len(chunks)
     r0, r1 = max(0, -iy0), min(br, v.h - iy0)
     c0, c1 = max(0, -ix0), min(bc, v.w - ix0)
     if r1 <= r0 or c1 <= c0:
-        _fill(s, dst, cs, nch, cs, fill)
+        if fills:
+            _fill(s, dst, cs, nch, cs, fill)
         return
     for jj, j in enumerate(chunks):
+        if only is not None and jj not in only:
+            continue
         s.load(dram_addr=v.addr(b, iy0 + r0, ix0 + c0, j * r), n_outer=r1 - r0,
                dram_stride_outer=v.row, n_inner=c1 - c0, dram_stride_inner=v.px,
                row_bytes=min(r, v.c - j * r), dst=dst + jj * cs + r0 * bc + c0,
                dst_stride_outer=bc)
+    if not fills:
+        return
     if r0 > 0:
         _fill(s, dst, r0 * bc, nch, cs, fill)
     if r1 < br:
@@ -334,25 +342,38 @@ class _ConvLayer(_Layer):
     def lda(self, i: int) -> None:
         it = self.items[i]
         if it["load_block"]:
-            self._load_input(it)
+            n = len(self._chunks(it["kg"]))
+            if i == 0 and n > _STREAM_AHEAD:
+                # The layer's first block waits for the previous layer: load a few chunks
+                # now and the rest from inside the matmul loop, in the order they are used,
+                # so weights and activations share the DMA in consumption order.
+                self._load_input(it, only=list(range(_STREAM_AHEAD)))
+                it["stream_from"] = _STREAM_AHEAD
+            else:
+                self._load_input(it)
         if it["last"]:
             b, oy0, th, ox0, tw = it["tile"]
             for k, v in enumerate(self.ops):
                 _load_tile(self.s, v, self.cfg, self._out(it, f"op{k}"), b, oy0, th, ox0, tw,
                            it["m"])
 
-    def _load_input(self, it: dict[str, Any]) -> None:
+    def _load_input(self, it: dict[str, Any], only: list[int] | None = None,
+                    fills: bool = True) -> None:
+        """The item's input block; ``only``: just these chunk positions (``fills`` too)."""
         s, p, r, v = self.s, self.plan, self.cfg.rows, self.x
         b = it["tile"][0]
         br, bc, iy0, ix0 = self._block(it["tile"])
         chunks = self._chunks(it["kg"])
         base = self._blk_base(it)
         if p.mode == "std":
-            _load_block(s, v, self.cfg, b, iy0, ix0, br, bc, chunks, base, self.zx)
+            _load_block(s, v, self.cfg, b, iy0, ix0, br, bc, chunks, base, self.zx, only,
+                        fills)
         elif p.mode == "rows":
             th, tw = br, bc
             contiguous = p.sx == 1 and p.sy == 1 and tw == v.w and v.row == v.w * v.px
             for jj, j in enumerate(chunks):
+                if only is not None and jj not in only:
+                    continue
                 rb = min(r, v.c - j * r)
                 dst = base + jj * th * tw
                 if contiguous:
@@ -366,6 +387,8 @@ class _ConvLayer(_Layer):
         else:  # packed: physically padded input, windows of kw*C bytes
             kwc = p.kw * p.c
             for jj, j in enumerate(chunks):
+                if only is not None and jj not in only:
+                    continue
                 s.load(dram_addr=v.addr(b, iy0, ix0, j * r), n_inner=bc,
                        dram_stride_inner=p.sx * v.px, n_outer=br,
                        dram_stride_outer=v.row if br > 1 else 0,
@@ -381,9 +404,17 @@ class _ConvLayer(_Layer):
         acc = self._acc(it)
         kg0 = it["kg"] * p.chunks_per_group
         stream = not p.resident
+        ahead = it.get("stream_from", 0)        # next chunk of a streamed first block
+        n_chunks = len(self._chunks(it["kg"]))
+        last_jj = -1
         for n, (k, t) in enumerate(it["seq"]):
             ky, kx, j = p.ktiles[k]
             jj = j - kg0
+            if ahead and jj != last_jj:
+                last_jj = jj
+                while ahead < n_chunks and ahead <= jj + _STREAM_AHEAD:
+                    self._load_input(it, only=[ahead], fills=False)
+                    ahead += 1
             if t >= 0:
                 if stream and t % p.w_sub == 0:
                     # Refill the slot the previous sub-block just left.
@@ -402,6 +433,10 @@ class _ConvLayer(_Layer):
                          acc_addr=acc, n_inner=tw, spad_stride_inner=p.sx, n_outer=th,
                          spad_stride_outer=p.sy * bc if th > 1 else 0, accumulate=accumulate,
                          swap=int(t >= 0))
+        if ahead:   # chunks this item did not use (later items of the block will)
+            while ahead < n_chunks:
+                self._load_input(it, only=[ahead], fills=False)
+                ahead += 1
 
     def vx(self, i: int) -> None:
         it = self.items[i]

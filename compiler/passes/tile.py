@@ -382,13 +382,19 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
                 w_rows_total = unique_total * r
                 per_group = np.zeros((coc, ngroups), dtype=np.int64)
                 np.add.at(per_group, (slice(None), j_of // g), nonzero.astype(np.int64))
-                w_sub = max(1, min(W_SUB_MAX, 1 if kind == "avgpool" else
-                                   int(per_group.max())))
+                top_sub = max(1, min(W_SUB_MAX, 1 if kind == "avgpool" else
+                                     int(per_group.max())))
                 fixed = 2 * _al(mt, r) * (1 + extra_operands)
                 for resident in (True, False):
-                    wr = w_rows_total if resident else W_RING * w_sub * r
-                    need = in_slots * _al(block, r) + wr + fixed + 4 * r  # + region rounding
-                    if need > spad_budget:
+                    # Streamed: the largest ring sub-block that fits (fewer LOADs).
+                    subs = [1] if resident else sorted(
+                        {top_sub} | {x for x in (32, 16, 8, 4) if x < top_sub}, reverse=True)
+                    for w_sub in subs:
+                        wr = w_rows_total if resident else W_RING * w_sub * r
+                        need = in_slots * _al(block, r) + wr + fixed + 4 * r  # + rounding
+                        if need <= spad_budget:
+                            break
+                    else:
                         continue
                     n_mm = int(nonzero.sum()) * n_sp_tiles
                     est = _estimate(cfg, n_mm, coc * n_sp_tiles, ngroups, mt, block,

@@ -29,7 +29,7 @@ REPORTS = HERE.parent.parent / "build" / "coverage"
 pytestmark = pytest.mark.simulator_required
 
 #: Block -> cycles (or programs) of stimulus per run: enough to hit every coverage bin.
-STIMULUS = {"array": 4000, "vector": 150, "dma": 200, "control": 40}
+STIMULUS = {"array": 4000, "vector": 100, "dma": 200, "control": 40}
 
 
 def run_block(block: str, tmp_path: Path, **extra: object) -> dict:

@@ -162,6 +162,18 @@ def global_avgpool():
     return m.build([m.op("GlobalAveragePool", [x])])
 
 
+def global_avgpool_wide():   # many chunks: the streamed first block covers all of them
+    m = Model(20)
+    x = m.op("Relu", [m.conv(m.input("x", (1, 8, 5, 5)), 8, 150, 1)])
+    return m.build([m.op("GlobalAveragePool", [x])])
+
+
+def conv_streamed_weights():  # weights larger than SPAD: streamed through the ring
+    m = Model(21)
+    x = m.op("Relu", [m.conv(m.input("x", (1, 512, 7, 7)), 512, 512, 1)])
+    return m.build([m.conv(x, 512, 600, 3, pads=[1, 1, 1, 1])])
+
+
 def concat_convs():          # SqueezeNet's fire module: two convs written in place
     m = Model(15)
     x = m.op("Relu", [m.conv(m.input("x", (1, 24, 9, 9)), 24, 16, 1)])
@@ -219,6 +231,7 @@ CASES: dict[str, Callable[[], onnx.ModelProto]] = {f.__name__: f for f in (
     conv_same_upper, conv_grouped, conv_depthwise, conv_wide_channels, conv_1d, gemm,
     gemm_no_trans, matmul_3d, relu_standalone, clip_standalone, add_inputs, sum_residual,
     maxpool_3x3_s2, maxpool_ceil, maxpool_global, avgpool_pad_include, global_avgpool,
+    global_avgpool_wide, conv_streamed_weights,
     concat_convs, concat_inputs, flatten_gemm, reshape_pool_gemm, gather_embedding)}
 
 

@@ -71,7 +71,8 @@ def test_eltwise_lane_matches_numerics(func: int) -> None:
     cases, expect = [], []
     for _ in range(600):
         fv = {"func": func, "shift": int(rng.integers(0, 64)),
-              "a_mult": int(rng.integers(-2**15, 2**15)), "b_mult": int(rng.integers(-2**15, 2**15))}
+              "a_mult": int(rng.integers(-2**15, 2**15)),
+              "b_mult": int(rng.integers(-2**15, 2**15))}
         for k in ("a_zero", "b_zero", "zero_point", "clamp_min", "clamp_max"):
             fv[k] = int(rng.integers(-128, 128))
         av, bv = (int(v) for v in rng.integers(-128, 128, 2))

@@ -90,19 +90,12 @@ def test_verilator_lint_npu16(tmp_path: Path) -> None:
 
 
 def test_stat_report_parsing() -> None:
-    log = """
-=== npu4_npu ===
-   Number of wires:               1234
-   Number of cells:               5678
-   Number of memories:               3
-   Number of memory bits:        4096
-     $_AND_                        100
-     $_DFFE_PP_                     40
-     $_SDFF_PP0_                     2
-     $_MUX_                         30
-"""
-    assert export._parse_stat(log) == {"cells": 5678, "flip_flops": 42, "memories": 3,
-                                       "memory_bits": 4096}
+    memories = '{"design": {"num_memories": 3, "num_memory_bits": 4096, "num_cells": 9}}'
+    cells = ('{"design": {"num_cells": 5678, "num_memories": 0, "num_memory_bits": 0, '
+             '"num_cells_by_type": {"$_AND_": 100, "$_DFFE_PP_": 40, "$_SDFF_PP0_": 2, '
+             '"$_MUX_": 30, "$mem_v2": 3}}}')
+    assert export._parse_stat(memories, cells) == {"cells": 5678, "flip_flops": 42,
+                                                   "memories": 3, "memory_bits": 4096}
 
 
 def test_unknown_top_is_an_error() -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from npu.hw.simtop import run
-from npu.isa import Fault, get_config
-from npu.program import Program
+from npu.isa import Engine, Fault, Instr, Opcode, encode_words, get_config
+from npu.program import Program, Segment
 from npu.randprog import FAULT_KINDS, fault_program, random_inputs, random_program
 from npu.runtime.io import initial_state
 from npu.runtime.reference import run_reference
@@ -84,6 +84,23 @@ def test_gather_index_fault_matches_the_reference() -> None:
     else:
         pytest.skip("no gather_index variant drawn")
     _, ref_fault, hw = run_both(program, random_inputs(rng, program))
+    assert hw.fault_key() == ref_fault
+
+
+@pytest.mark.parametrize("gap", [0, 3])
+def test_bad_gather_index_precedes_a_later_dispatch_fault(gap: int) -> None:
+    # The GATHER starts at cycle 1; an illegal word is dispatched `gap` cycles later, long
+    # before the GATHER has read its indices. The contract's order: the GATHER faults first.
+    cfg = get_config("npu4")
+    idx = np.array([0, 5000], dtype="<i4").tobytes()
+    gather = Instr(Opcode.GATHER, 0, 0, dict(dram_addr=64, index_addr=0, row_stride=4, dst=0,
+                                             n=2, row_bytes=4, mem=0))
+    sync = Instr(Opcode.SYNC, 0, 0, {"engine": int(Engine.EX)})
+    words = encode_words([gather] + [sync] * gap + [sync])
+    words[-1] = 0                                    # opcode 0: illegal
+    program = Program(cfg, words, 256, segments=[Segment("idx", 0, idx)])
+    _, ref_fault, hw = run_both(program, {})
+    assert ref_fault == (int(Fault.ADDRESS_OUT_OF_RANGE), 1, 0)
     assert hw.fault_key() == ref_fault
 
 
