@@ -263,10 +263,13 @@ class _ConvLayer(_Layer):
                         last=gi == len(groups) - 1, load_block=load_block,
                         blk_slot=(blk_loads - 1) % plan.in_slots, sm=sm_count))
         self.n_items = len(self.items)
-        # Streamed weights: tiles (stored in consumption order) in sub-blocks of w_sub,
-        # through a ring of w_ring sub-blocks.
-        self.n_tiles = len(plan.tiles)
-        self.n_sub = -(-self.n_tiles // plan.w_sub)
+        # Streamed weights: the tiles in the order the array consumes them (every spatial tile
+        # repeats the layer's tile sequence), in sub-blocks of w_sub through a ring of w_ring.
+        self.stream: list[int] = []
+        for it in self.items:
+            it["q0"] = len(self.stream)
+            self.stream.extend(t for _, t in it["seq"] if t >= 0)
+        self.n_sub = -(-len(self.stream) // plan.w_sub)
         self.mt = align(plan.oh_t * plan.ow_t, cfg.rows)       # slot stride (aligned)
         self.blk_stride = align(plan.block_rows, cfg.rows)
 
@@ -300,22 +303,30 @@ class _ConvLayer(_Layer):
             return self.acc["par"][0] + 3 * (it["m"] if self.plan.kind != "avgpool" else 0)
         return self.acc["par"][0] + 3 * (it["sm"] % 2)
 
-    def _w_addr(self, t: int) -> int:
+    def _w_addr(self, q: int) -> int:
+        """SPAD row of a weight tile: tile ``q`` when resident, else stream position ``q``."""
         r, p = self.cfg.rows, self.plan
         if p.resident:
-            return self.spad["w"][0] + t * r
-        return self.spad["w"][0] + ((t // p.w_sub) % p.w_ring) * p.w_sub * r + (t % p.w_sub) * r
+            return self.spad["w"][0] + q * r
+        return self.spad["w"][0] + ((q // p.w_sub) % p.w_ring) * p.w_sub * r + (q % p.w_sub) * r
 
     def _load_sub(self, b: int) -> None:
-        """LOAD weight sub-block ``b`` into its ring slot (if it exists)."""
+        """LOAD stream sub-block ``b`` into its ring slot (if it exists), one LOAD per run of
+        consecutive tiles (the sequence restarts at each spatial tile)."""
         if b >= self.n_sub:
             return
         r, p = self.cfg.rows, self.plan
-        t0 = b * p.w_sub
-        nt = min(p.w_sub, self.n_tiles - t0)
-        self.s.load(dram_addr=self.w_dram + t0 * r * r, n_inner=r, dram_stride_inner=r,
-                    n_outer=nt, dram_stride_outer=r * r, row_bytes=r, dst=self._w_addr(t0),
-                    dst_stride_outer=r if nt > 1 else 0)
+        q0 = b * p.w_sub
+        tiles = self.stream[q0:q0 + p.w_sub]
+        start = 0
+        for k in range(1, len(tiles) + 1):
+            if k == len(tiles) or tiles[k] != tiles[k - 1] + 1:
+                nt = k - start
+                self.s.load(dram_addr=self.w_dram + tiles[start] * r * r, n_inner=r,
+                            dram_stride_inner=r, n_outer=nt, dram_stride_outer=r * r,
+                            row_bytes=r, dst=self._w_addr(q0 + start),
+                            dst_stride_outer=r if nt > 1 else 0)
+                start = k
 
     # Parts ------------------------------------------------------------------------------------
     def ldw(self, i: int) -> None:
@@ -404,6 +415,7 @@ class _ConvLayer(_Layer):
         acc = self._acc(it)
         kg0 = it["kg"] * p.chunks_per_group
         stream = not p.resident
+        q = it["q0"]                            # stream position of the next fresh tile
         ahead = it.get("stream_from", 0)        # next chunk of a streamed first block
         n_chunks = len(self._chunks(it["kg"]))
         last_jj = -1
@@ -416,10 +428,14 @@ class _ConvLayer(_Layer):
                     self._load_input(it, only=[ahead], fills=False)
                     ahead += 1
             if t >= 0:
-                if stream and t % p.w_sub == 0:
-                    # Refill the slot the previous sub-block just left.
-                    self._load_sub(t // p.w_sub + p.w_ring - 1)
-                s.preload(self._w_addr(t))
+                if stream:
+                    if q % p.w_sub == 0:
+                        # Refill the slot the previous sub-block just left.
+                        self._load_sub(q // p.w_sub + p.w_ring - 1)
+                    s.preload(self._w_addr(q))
+                    q += 1
+                else:
+                    s.preload(self._w_addr(t))
             accumulate = 0 if (it["first"] and n == 0) else 1
             if p.mode == "rows":
                 s.matmul(spad_addr=base + jj * th * tw, acc_addr=acc, n_inner=th * tw,
@@ -717,6 +733,71 @@ def _disjoint(nxt: Node, cur: Node) -> bool:
     return True
 
 
+def _rows_done(conv: _ConvLayer) -> list[tuple[int, int]]:
+    """After each item of a conv layer: (image, output rows fully stored, all channels)."""
+    p = conv.plan
+    cols = -(-p.ow // p.ow_t)
+    out, band_done, done = [], 0, (0, 0)
+    for it in conv.items:
+        b, oy0, th, ox0, tw = it["tile"]
+        if it["last"] and it["m"] == p.coc - 1:
+            band_done += 1
+            if band_done == cols:
+                band_done = 0
+                done = (b, oy0 + th)
+        out.append(done)
+    return out
+
+
+def _overlap_pools(graph: Graph, layers: list[tuple[Node, _Layer]]
+                   ) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Items of a MaxPool right after the conv writing its input, each attached to the conv
+    item after which its input rows are in DRAM: the vector unit pools while the array keeps
+    computing (program order stays the semantics: each pooled tile is loaded after the stores
+    it reads). Applies when the two layers' on-chip buffers are disjoint."""
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for k in range(len(layers) - 1):
+        (a_node, a), (b_node, b) = layers[k], layers[k + 1]
+        if not (isinstance(a, _ConvLayer) and isinstance(b, _MaxPoolLayer)):
+            continue
+        x = graph.tensors[b_node.inputs[0]]
+        y = graph.tensors[a_node.outputs[0]]
+        base_x = x.name
+        base_y = y.view_of[0] if y.view_of is not None else y.name
+        if base_x != base_y or not _all_disjoint(a_node, b_node):
+            continue
+        done = _rows_done(a)
+        p = b.plan
+        # Spread the pool's items evenly over the conv's (each ride comes after the stores it
+        # reads): a burst of vector work would fill the VX queue and stall the dispatcher.
+        per = -(-b.n_items // max(1, a.n_items))
+        load = [0] * len(done)
+        prev = 0
+        for j, ((bi, oy0, th, _, _), _) in enumerate(b.items):
+            need = min(p.h, (oy0 + th - 1) * p.sy - p.pads[0] + (p.kh - 1) * p.dy + 1)
+            at = next((i for i, (img, rows) in enumerate(done)
+                       if img > bi or (img == bi and rows >= need)), len(done) - 1)
+            at = max(at, prev)
+            while at < len(done) - 1 and load[at] >= per:
+                at += 1
+            load[at] += 1
+            prev = at
+            out.setdefault((k, at), []).append((k + 1, j))
+    return out
+
+
+def _all_disjoint(a: Node, b: Node) -> bool:
+    ba, bb = a.attrs.get("buffers"), b.attrs.get("buffers")
+    if ba is None or bb is None:
+        return False
+    for mine, theirs in ((ba.spad, bb.spad), (ba.acc, bb.acc)):
+        for lo, n in mine.values():
+            for lo2, n2 in theirs.values():
+                if lo < lo2 + n2 and lo2 < lo + n:
+                    return False
+    return True
+
+
 def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = None) -> Program:
     """Build the program of one segment."""
     dram_bytes = int(seg.stats["dram_bytes"])
@@ -732,7 +813,10 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
         layer = maker(node, graph, cfg, s)
         if layer.n_items:
             layers.append((node, layer))
-    items = [(li, i) for li, (_, layer) in enumerate(layers) for i in range(layer.n_items)]
+    attached = _overlap_pools(graph, layers)
+    hidden = {it for lst in attached.values() for it in lst}
+    items = [(li, i) for li, (_, layer) in enumerate(layers) for i in range(layer.n_items)
+             if (li, i) not in hidden]
     if items:
         node0, l0 = layers[0]
         s.region(node0.name)
@@ -743,7 +827,10 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
         nxt = items[k + 1] if k + 1 < len(items) else None
         # The next layer's weights are prefetched before this layer's last item unless they
         # land in buffers this layer still uses (program order is the semantics).
-        early = nxt is not None and (nxt[0] == li or _disjoint(layers[nxt[0]][0], node))
+        riders = attached.get((li, i), [])
+        early = nxt is not None and (nxt[0] == li or all(
+            _disjoint(layers[nxt[0]][0], n) for n in
+            [node] + [layers[lj][0] for lj, _ in riders]))
         if early:
             layers[nxt[0]][1].ldw(nxt[1])
             if nxt[0] == li:
@@ -751,6 +838,11 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
         layer.ex(i)
         layer.vx(i)
         layer.st(i)
+        for lj, j in riders:   # items of a pooling layer whose input rows are now stored
+            rider = layers[lj][1]
+            rider.lda(j)
+            rider.vx(j)
+            rider.st(j)
         if nxt is not None and nxt[0] != li:
             s.region(layers[nxt[0]][0].name)
             if not early:

@@ -174,6 +174,12 @@ def conv_streamed_weights():  # weights larger than SPAD: streamed through the r
     return m.build([m.conv(x, 512, 600, 3, pads=[1, 1, 1, 1])])
 
 
+def conv_streamed_tiles():    # streamed weights re-read for each of several spatial tiles
+    m = Model(22)
+    x = m.input("x", (1, 256, 24, 24))
+    return m.build([m.conv(x, 256, 512, 1)])
+
+
 def concat_convs():          # SqueezeNet's fire module: two convs written in place
     m = Model(15)
     x = m.op("Relu", [m.conv(m.input("x", (1, 24, 9, 9)), 24, 16, 1)])
@@ -231,7 +237,7 @@ CASES: dict[str, Callable[[], onnx.ModelProto]] = {f.__name__: f for f in (
     conv_same_upper, conv_grouped, conv_depthwise, conv_wide_channels, conv_1d, gemm,
     gemm_no_trans, matmul_3d, relu_standalone, clip_standalone, add_inputs, sum_residual,
     maxpool_3x3_s2, maxpool_ceil, maxpool_global, avgpool_pad_include, global_avgpool,
-    global_avgpool_wide, conv_streamed_weights,
+    global_avgpool_wide, conv_streamed_weights, conv_streamed_tiles,
     concat_convs, concat_inputs, flatten_gemm, reshape_pool_gemm, gather_embedding)}
 
 
@@ -251,7 +257,8 @@ def test_operator_matches_onnxruntime(name: str) -> None:
 
 @pytest.mark.parametrize("config", ["npu4", "npu8", "npu32"])
 @pytest.mark.parametrize("name", ["conv_rgb_7x7_s2", "conv_wide_channels", "sum_residual",
-                                  "concat_convs", "maxpool_3x3_s2", "gemm"])
+                                  "concat_convs", "maxpool_3x3_s2", "gemm",
+                                  "conv_streamed_weights"])
 def test_other_configs(name: str, config: str) -> None:
     ours, theirs, _ = compare(CASES[name](), config, seed=2)
     for key in ours:
