@@ -467,6 +467,8 @@ def _col_tiles(ow: int, limit: int) -> list[int]:
 
 
 def _group_sizes(cj: int) -> list[int]:
+    """Reduction chunks per input block worth trying: the largest balanced splits, then
+    powers of two down to one chunk (small machines, wide layers)."""
     seen, out = set(), []
     for k in range(1, cj + 1):
         g = _cdiv(cj, k)
@@ -475,6 +477,10 @@ def _group_sizes(cj: int) -> list[int]:
             out.append(g)
         if len(out) >= 12:
             break
+    for g in (64, 32, 16, 8, 4, 2, 1):
+        if g < cj and g not in seen:
+            seen.add(g)
+            out.append(g)
     return out
 
 
