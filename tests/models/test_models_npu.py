@@ -12,10 +12,6 @@ pytest.importorskip("npu.compiler.session")
 
 # Known compiler gaps (issue 6), reported; these flip to XPASS when fixed.
 _GAPS = {
-    "nerf_encoding": "compiler: emit fails storing the in-graph encoding (zero-size tile)",
-    "nerf_scene": "compiler: emit fails storing the in-graph encoding (zero-size tile)",
-    "instant_ngp_mlp": "compiler: Slice + Concat of a Gemm output loses a quantized tensor",
-    "graphsage_karate": "compiler: GATHER faults ADDRESS_OUT_OF_RANGE on valid indices",
     "graphsage_sbm": "compiler: GATHER faults ADDRESS_OUT_OF_RANGE on valid indices",
     "gcn_sbm": "compiler: constant folding of a Constant with sparse_value",
     "gin_sbm": "compiler: constant folding of a Constant with sparse_value",
@@ -73,8 +69,7 @@ def test_digits_accuracy_on_the_npu() -> None:
     assert abs(r.npu_accuracy - r.float_accuracy) <= 0.01
 
 
-@pytest.mark.parametrize("kind", ["gcn", "gin", pytest.param(
-    "sage", marks=pytest.mark.xfail(reason=_GAPS["graphsage_karate"], strict=False))])
+@pytest.mark.parametrize("kind", ["gcn", "gin", "sage"])
 def test_karate_predictions_on_the_npu(kind: str) -> None:
     r = checks.karate_check(kind)
     print(f"{kind} karate: NPU/float agreement {r.agreement:.4f}, accuracy float "
