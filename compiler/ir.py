@@ -20,6 +20,7 @@ NPU operations (``Node.op``):
 ``copy``     LOAD (+ rescale) + STORE of one tensor into a view (concat inputs not written
              in place).
 ``reshape``  a change of shape that keeps the bytes (an alias).
+``reorder``  NHWC <-> row-major byte permutation by DMA (a reshape that changes the order).
 ``gather``   GATHER of table rows by an index tensor.
 ``host``     one ONNX node run on the host (numpy via ``onnx.reference``), in float or int.
 
@@ -43,7 +44,8 @@ CHANNEL_LAST = "NHWC"
 #: Layout of other NPU tensors: row-major, the last ONNX axis is the channel axis.
 ROWS = "rows"
 #: Operations the NPU executes.
-NPU_OPS = ("conv", "add", "clamp", "maxpool", "avgpool", "concat", "copy", "reshape", "gather")
+NPU_OPS = ("conv", "add", "clamp", "maxpool", "avgpool", "concat", "copy", "reshape", "gather",
+           "reorder")
 
 
 @dataclass(frozen=True)

@@ -746,6 +746,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from npu.randprog import random_inputs
     from npu.runtime.cli import UsageError, check_inputs, parse_inputs
 
+    try:
+        prepare_simulator(args.sim)
+    except SimulatorUnavailable as exc:
+        raise CLIError(str(exc)) from None
     program = load(args.program)
     if args.config:
         try:

@@ -11,7 +11,10 @@ item has up to five parts, one per engine role:
 
 The parts are issued software-pipelined (``ldw``/``lda`` of item *i+1* before ``ex`` of item
 *i*; ``vx``/``st`` of item *i* right after its ``ex``); loads of a new layer's activations wait
-until the previous layer's last store is issued, since they read what it wrote. No instruction
+until the previous layer's last store is issued, since they read what it wrote. Inside ``ex``,
+streamed weights are refilled through a ring of sub-blocks and a layer's first input block is
+loaded chunk by chunk, just ahead of the matmuls that use them. A MaxPool right after the
+convolution producing its input rides along with it (:func:`_overlap_pools`). No instruction
 carries a token here: :class:`npu.compiler.stream.Stream` derives them from memory footprints.
 
 Convolution (``ConvPlan``): ``std`` blocks are padded input rows in SPAD, laid out

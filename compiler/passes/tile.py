@@ -22,7 +22,6 @@ then stay in ACC). Every choice is derived from :class:`npu.isa.NPUConfig` and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -593,9 +592,3 @@ def tile(graph: Graph, config: NPUConfig) -> Graph:
         elif node.op == "reorder":
             node.plan = plan_reorder(node, graph, config, budget)
     return graph
-
-
-def describe(plan: Any) -> str:
-    """One-line description of any plan."""
-    return str(plan)
-

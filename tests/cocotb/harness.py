@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from amaranth.back import verilog as amaranth_verilog
-from amaranth.hdl import Module, Value
+from amaranth.hdl import Module, Signal, Value
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -32,7 +32,7 @@ from npu.hw.control import Control
 from npu.hw.dma import LoadUnit, StoreUnit
 from npu.hw.dram import DRAMModel
 from npu.hw.vector import VectorUnit
-from npu.isa import INSTR_BITS, NPUConfig, Unit, get_config
+from npu.isa import INSTR_BITS, NPUConfig, Opcode, Unit, get_config
 from npu.verify import Build, _source_hash, build_design
 
 __all__ = ["BLOCK_CONFIG", "CONTROL_CONFIG", "HARNESSES", "build", "DRAM_SIZE"]
@@ -159,24 +159,31 @@ def dma_harness(cfg: NPUConfig) -> Flat:
 
 def control_harness(cfg: NPUConfig) -> Flat:
     """The control (dispatcher, queues, tokens, retirement, faults) with its instruction memory
-    (``imem``); every unit's start port, the trace and the status are outputs, the GATHER fault
-    input is driven by the testbench."""
+    (``imem``); every unit's start port, the trace and the status are outputs; the LD unit's
+    GATHER fault and ``gather_busy`` are played by the testbench."""
     ctl = Control(cfg)
     from amaranth.utils import ceil_log2
 
     imem = memory.Memory(shape=INSTR_BITS, depth=cfg.imem_depth, init=[])
     units = [u for u in Unit if u != Unit.NONE]
 
+    # The LD unit's gather_busy: high from a GATHER's start cycle (combinationally, from the
+    # start port, as in the LD unit) and then while the testbench holds it.
+    gather_hold = Signal()
+    ld = ctl.unit_port(Unit.LD_DMA)
+
     def body(m: Module) -> None:
         m.submodules.control = ctl
         m.submodules.imem = imem
         wiring.connect(m, ctl.imem, imem.read_port())
+        starting = ld.valid & (ld.payload.word[:4] == int(Opcode.GATHER))
+        m.d.comb += ctl.gather_busy.eq(gather_hold | starting)
 
     assert ceil_log2(cfg.imem_depth) > 0
     exposed: list[tuple[str, Any, str]] = [
         ("start", ctl.start, "in"), ("n_instr", ctl.n_instr, "in"),
         ("dram_bytes", ctl.dram_bytes, "in"), ("watchdog", ctl.watchdog, "in"),
-        ("gather_fault", ctl.gather_fault, "in"),
+        ("gather_fault", ctl.gather_fault, "in"), ("gather_hold", gather_hold, "in"),
         ("status", ctl.status, "out"), ("trace", ctl.trace, "out")]
     for u in units:
         port = ctl.unit_port(u)

@@ -91,7 +91,10 @@ async def array_random(dut: Any) -> None:
         return all(not (tv + k <= t <= tv + k + cols - 1)
                    for tv, _x, s in vectors[-2 * latency:] if s == b)
 
-    for t in range(cycles):
+    t = -1
+    # Past `cycles`, stimulus goes on (up to 4x) while the coverage has holes.
+    while t + 1 < cycles or (cov.missed() and t + 1 < 4 * cycles):
+        t += 1
         if phase_len == 0:
             phase_len = int(rng.integers(20, 200))
             p_w, p_x = float(rng.choice([0.0, 0.1, 0.5, 1.0])), float(rng.choice([0.2, 0.6, 1.0]))

@@ -30,8 +30,9 @@ import numpy as np
 from cocotb.triggers import ReadOnly, RisingEdge
 from tbutil import fail, finish_coverage, make_rng, params, read_int, start
 
+from npu.conformance import gather_race_case
 from npu.coverage import Coverage
-from npu.isa import Engine, Fault, NPUConfig, Opcode, Unit, decode, static_faults
+from npu.isa import Engine, Fault, NPUConfig, Opcode, Unit, decode, static_faults, timing
 from npu.randprog import FAULT_KINDS, fault_program, random_inputs, random_program
 from npu.runtime.reference import run_reference
 from npu.runtime.result import NPUFault
@@ -51,7 +52,9 @@ def coverage() -> Coverage:
     cov.point("outcome", ["done"] + [f.name for f in FAULT_KINDS])
     cov.point("fault variant", ["no_halt", "opcode", "reserved", "own_engine", "barrier_tokens",
                                 "static", "gather_index", "unpaired_wait", "sync_cycle", "limit",
-                                "unmatched_signals"])
+                                "unmatched_signals", "gather_illegal", "gather_bad_address",
+                                "gather_watchdog", "gather_overflow"])
+    cov.point("held fault", ["a fault waits for a GATHER's index check"])
     return cov
 
 
@@ -62,6 +65,9 @@ VARIANT_CODE = {"no_halt": Fault.ILLEGAL_INSTRUCTION, "opcode": Fault.ILLEGAL_IN
                 "static": Fault.ADDRESS_OUT_OF_RANGE, "gather_index": Fault.ADDRESS_OUT_OF_RANGE,
                 "unpaired_wait": Fault.TOKEN_DEADLOCK, "sync_cycle": Fault.TOKEN_DEADLOCK,
                 "limit": Fault.WATCHDOG, "unmatched_signals": Fault.TOKEN_OVERFLOW}
+#: Race variants (a GATHER's bad index against a later fault), index in RACE_KINDS.
+RACE_VARIANT = {"gather_illegal": 0, "gather_bad_address": 1, "gather_watchdog": 2,
+                "gather_overflow": 3}
 
 
 def _program(rng: np.random.Generator, cfg: NPUConfig, k: int, cov: Coverage,
@@ -72,7 +78,11 @@ def _program(rng: np.random.Generator, cfg: NPUConfig, k: int, cov: Coverage,
         holes = cov.missed()
         missing = [m.split(": ", 1)[1] for m in holes if m.startswith("fault variant")]
         if missing:
-            code = VARIANT_CODE[missing[k % len(missing)]]
+            variant = missing[k % len(missing)]
+            if variant in RACE_VARIANT:
+                return gather_race_case(cfg, int(rng.integers(1 << 30)),
+                                        RACE_VARIANT[variant]).program, False
+            code = VARIANT_CODE[variant]
             return fault_program(rng, cfg, code, int(rng.integers(0, 25))), False
         if not holes:
             return None
@@ -83,6 +93,8 @@ def _program(rng: np.random.Generator, cfg: NPUConfig, k: int, cov: Coverage,
         elif any(h.endswith("HAZARD") for h in holes):
             kinds = ["LOAD", "VECTOR", "ELTWISE", "SYNC"]
         return random_program(rng, cfg, cfg.token_max - 1, kinds, boundary=0.2), True
+    if k % 9 == 5:
+        return gather_race_case(cfg, int(rng.integers(1 << 30)), k // 9).program, False
     if k % 3 == 2:
         code = FAULT_KINDS[(k // 3) % len(FAULT_KINDS)]
         return fault_program(rng, cfg, code, int(rng.integers(0, 25))), False
@@ -105,6 +117,18 @@ def _expected_banks(prog: Any, trace: Any, n: int) -> dict[int, int]:
                 active = 1 - active
             out[i] = active
     return out
+
+
+def decode_or_none(prog: Any, i: int) -> Any:
+    try:
+        return decode(prog.instructions[i].astype("<u8").tobytes())
+    except ValueError:
+        return None
+
+
+def held_seen(dut: Any) -> bool:
+    """The control stopped (not running, no status yet): a fault is being held."""
+    return not read_int(dut.status_running) and not read_int(dut.status_done)
 
 
 def _gather_report_cycle(prog: Any, cfg: NPUConfig, index: int, start_cycle: int,
@@ -161,8 +185,7 @@ async def control_programs(dut: Any) -> None:
                                       prog.config, prog.dram_bytes)[0]:
             from npu.runtime.io import initial_state
             dram = initial_state(prog, inputs)[0]
-            gather_bad = (fault.index, fault.cycle,
-                          _gather_report_cycle(prog, cfg, fault.index, fault.cycle, dram))
+            gather_bad = (fault.index, fault.cycle, -1)   # report cycle: once it starts
         # Load and start.
         dut.rst.value = 1
         await RisingEdge(dut.clk)
@@ -181,7 +204,14 @@ async def control_programs(dut: Any) -> None:
         unit_starts: dict[int, tuple[str, int, int]] = {}
         problems: list[str] = []
         t = 0
+        hold_until = -1      # gather_busy held (after a GATHER's start cycle) up to here
+        gather_starts: dict[int, int] = {}
         while True:
+            dut.gather_hold.value = int(t <= hold_until)
+            if gather_bad is not None and gather_bad[0] in gather_starts:
+                report = _gather_report_cycle(prog, cfg, gather_bad[0],
+                                              gather_starts[gather_bad[0]], dram)
+                gather_bad = (gather_bad[0], gather_starts[gather_bad[0]], report)
             if gather_bad is not None and t == gather_bad[2]:
                 dut.gather_fault_valid.value = 1
                 dut.gather_fault_index.value = gather_bad[0]
@@ -189,7 +219,7 @@ async def control_programs(dut: Any) -> None:
             else:
                 dut.gather_fault_valid.value = 0
             await ReadOnly()
-            if read_int(dut.trace_cycle) != t:
+            if read_int(dut.status_running) and read_int(dut.trace_cycle) != t:
                 problems.append(f"trace.cycle reads {read_int(dut.trace_cycle)} at cycle {t}")
             if read_int(dut.trace_dispatch_valid):
                 i = read_int(dut.trace_dispatch_index)
@@ -224,9 +254,18 @@ async def control_programs(dut: Any) -> None:
                         problems.append(f"instruction {i} started twice on units")
                     unit_starts[i] = (u.name, read_int(getattr(dut, f"u_{name}_cycle")),
                                       read_int(getattr(dut, f"u_{name}_bank")))
+                    ins_i = decode_or_none(prog, i)
+                    if u == Unit.LD_DMA and ins_i is not None and ins_i.opcode == Opcode.GATHER:
+                        gather_starts[i] = t
+                        # The LD unit is busy with it for its busy cycles (a bad one: until
+                        # the bad row, when it raises the fault).
+                        busy = timing(ins_i, cfg).busy
+                        hold_until = max(hold_until, t + busy - 1)
                     if unit_starts[i][1] != t:
                         problems.append(f"cycle {t}: {u.name} start of {i} carries cycle "
                                         f"{unit_starts[i][1]}")
+            if read_int(dut.status_fault) == 0 and held_seen(dut):
+                cov.sample(**{"held fault": "a fault waits for a GATHER's index check"})
             done, faulted = read_int(dut.status_done), read_int(dut.status_fault)
             await RisingEdge(dut.clk)
             if done or faulted or t > end + 500:

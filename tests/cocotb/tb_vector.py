@@ -55,6 +55,7 @@ class Model:
 
     def __init__(self, cfg: NPUConfig, rng: np.random.Generator) -> None:
         self.cfg = cfg
+        self.param_rows: list[int] = [0]
         self.spad = rng.integers(-128, 128, (cfg.spad_rows, cfg.cols)).astype(np.int8)
         self.acc = rng.integers(-(1 << 31), 1 << 31, (cfg.acc_rows, cfg.cols)).astype(np.int32)
 
@@ -89,7 +90,7 @@ def _int8(rng: np.random.Generator) -> int:
     return int(rng.choice([-128, 127, 0, int(rng.integers(-128, 128))]))
 
 
-def random_instr(rng: np.random.Generator, cfg: NPUConfig, cov: Coverage) -> Instr:
+def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Instr:
     """A legal VECTOR or ELTWISE for ``cfg`` (addresses anywhere, often at the memory ends)."""
     for _ in range(1000):
         n = int(rng.choice([1, int(rng.integers(2, 8)), int(rng.integers(8, 24))]))
@@ -100,7 +101,8 @@ def random_instr(rng: np.random.Generator, cfg: NPUConfig, cov: Coverage) -> Ins
             op = Opcode.VECTOR
             f = dict(acc_addr=int(rng.integers(0, cfg.acc_rows - n + 1)),
                      spad_addr=int(rng.integers(0, cfg.spad_rows - n + 1)),
-                     param_addr=int(rng.integers(0, cfg.acc_rows - VECTOR_PARAM_ROWS + 1)),
+                     param_addr=int(rng.choice(model.param_rows)) if rng.random() < 0.7
+                     else int(rng.integers(0, cfg.acc_rows - VECTOR_PARAM_ROWS + 1)),
                      n=n, zero_point=_int8(rng), clamp_min=lo, clamp_max=hi)
         else:
             op = Opcode.ELTWISE
@@ -166,9 +168,12 @@ def _sample_instr(cov: Coverage, ins: Instr, model: Model) -> None:
 
 
 def _params(rng: np.random.Generator, model: Model, cfg: NPUConfig) -> None:
-    """Make some ACC rows realistic parameter triples with extremes (the rest stay random)."""
+    """Make some ACC rows parameter triples with extremes (the rest stay random); VECTOR
+    instructions mostly use these (``model.param_rows``)."""
+    model.param_rows = []
     for _ in range(4):
         p = int(rng.integers(0, cfg.acc_rows - VECTOR_PARAM_ROWS + 1))
+        model.param_rows.append(p)
         model.acc[p] = rng.choice([-(1 << 31), (1 << 31) - 1, 0, 12345], cfg.cols)
         model.acc[p + 1] = rng.choice([-(1 << 31), (1 << 31) - 1, 1 << 30,
                                        int(rng.integers(1 << 20, 1 << 31))], cfg.cols)
@@ -193,7 +198,8 @@ async def vector_random(dut: Any) -> None:
     errors: list[str] = []
     t = 0
     issued = 0
-    while issued < total and len(errors) < 5:
+    # Past `total`, rounds go on (up to 4x) while the coverage has holes.
+    while (issued < total or cov.missed()) and issued < 4 * total and len(errors) < 5:
         # A round: fresh memories, then a burst of instructions.
         model = Model(cfg, rng)
         _params(rng, model, cfg)
@@ -208,7 +214,7 @@ async def vector_random(dut: Any) -> None:
         next_free, latest_c = t + 1, 0
         pending = []
         for k in range(int(rng.integers(1, 7))):
-            ins = random_instr(rng, cfg, cov)
+            ins = random_instr(rng, cfg, model)
             tm = timing(ins, cfg)
             s = next_free if rng.random() < 0.6 else next_free + int(rng.integers(1, 6))
             how = "back-to-back" if s == next_free else "gap"

@@ -65,12 +65,12 @@ def run_block(block: str, tmp_path: Path, **extra: object) -> dict:
     return data
 
 
-def _check_coverage(data: dict) -> None:
+def _check_coverage(block: str, data: dict) -> None:
     cov = Coverage(data["name"])
     # Rebuild just enough to reuse the report and hole logic on the saved counts.
     cov.hits, cov.waived, cov.samples = data["hits"], data["waived"], data["samples"]
     report = cov.report()
-    (REPORTS / f"{data['name'].replace(' ', '_')}.txt").write_text(report + "\n")
+    (REPORTS / f"{block}.txt").write_text(report + "\n")
     print(report)
     assert not cov.missed(), f"coverage holes (neither hit nor waived): {cov.missed()}\n{report}"
 
@@ -78,4 +78,4 @@ def _check_coverage(data: dict) -> None:
 @pytest.mark.parametrize("block", list(STIMULUS))
 def test_block(block: str, tmp_path: Path) -> None:
     """The block's testbench passes and its coverage has no unexplained hole."""
-    _check_coverage(run_block(block, tmp_path))
+    _check_coverage(block, run_block(block, tmp_path))
