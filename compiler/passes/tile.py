@@ -53,6 +53,14 @@ def _al(x: int, a: int) -> int:
     return _cdiv(x, a) * a
 
 
+def _spatial_tiles(n: int, h: int, w: int, th: int, tw: int
+                   ) -> list[tuple[int, int, int, int, int]]:
+    """Output tiles ``(image, y0, rows, x0, cols)`` covering n images of h x w in th x tw
+    steps, in order (the last tile of a row or column may be smaller)."""
+    return [(b, oy, min(th, h - oy), ox, min(tw, w - ox))
+            for b in range(n) for oy in range(0, h, th) for ox in range(0, w, tw)]
+
+
 @dataclass
 class ConvPlan:
     """How a ``conv`` or ``avgpool`` node runs (see the module doc)."""
@@ -107,13 +115,7 @@ class ConvPlan:
 
     def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
         """(image, oy0, rows, ox0, cols) of every output tile, in order."""
-        out = []
-        for b in range(self.n):
-            for oy in range(0, self.oh, self.oh_t):
-                for ox in range(0, self.ow, self.ow_t):
-                    out.append((b, oy, min(self.oh_t, self.oh - oy), ox,
-                                min(self.ow_t, self.ow - ox)))
-        return out
+        return _spatial_tiles(self.n, self.oh, self.ow, self.oh_t, self.ow_t)
 
     def __str__(self) -> str:
         w = "resident" if self.resident else "streamed"
@@ -149,13 +151,7 @@ class PoolPlan:
     bc: int
 
     def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
-        out = []
-        for b in range(self.n):
-            for oy in range(0, self.oh, self.oh_t):
-                for ox in range(0, self.ow, self.ow_t):
-                    out.append((b, oy, min(self.oh_t, self.oh - oy), ox,
-                                min(self.ow_t, self.ow - ox)))
-        return out
+        return _spatial_tiles(self.n, self.oh, self.ow, self.oh_t, self.ow_t)
 
     def __str__(self) -> str:
         return (f"maxpool {self.kh}x{self.kw}/{self.sy} out {self.oh}x{self.ow}x{self.c} tile "
@@ -175,13 +171,7 @@ class EltPlan:
     ow_t: int
 
     def spatial_tiles(self) -> list[tuple[int, int, int, int, int]]:
-        out = []
-        for b in range(self.n):
-            for oy in range(0, self.h, self.oh_t):
-                for ox in range(0, self.w, self.ow_t):
-                    out.append((b, oy, min(self.oh_t, self.h - oy), ox,
-                                min(self.ow_t, self.w - ox)))
-        return out
+        return _spatial_tiles(self.n, self.h, self.w, self.oh_t, self.ow_t)
 
     def __str__(self) -> str:
         return (f"eltwise {self.n}x{self.h}x{self.w}x{self.c} tile {self.oh_t}x{self.ow_t} x "
