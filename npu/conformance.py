@@ -308,7 +308,8 @@ def corpus_coverage() -> Coverage:
     cov.point("outcome", ["done"] + [f.name for f in FAULT_KINDS])
     cov.point("fault_variant", ["no_halt", "opcode", "reserved", "own_engine",
                                 "barrier_tokens", "static", "gather_index", "unpaired_wait",
-                                "sync_cycle", "limit", "unmatched_signals"])
+                                "sync_cycle", "limit", "unmatched_signals"]
+              + [f"gather_{k}" for k in RACE_KINDS])
     cov.point("config", ["npu4", "npu8", "npu16"])
     cov.point("length", {"1-10": lambda n: n <= 10, "11-100": lambda n: 10 < n <= 100,
                          "101-255": lambda n: 100 < n <= 255, ">255": lambda n: n > 255})

@@ -747,8 +747,12 @@ def verify_cases(cases: Sequence[Case], *, sim: str = "verilator", engine: str =
 
         def work(chunk: list[int], build: Build = build, hcfg: NPUConfig = hcfg,
                  dram: int = dram) -> tuple[list[int], list[RTLRun]]:
-            runs = run_rtl([cases[i] for i in chunk], [expected[i] for i in chunk], build,
-                           hcfg=hcfg, dram_size=dram)
+            try:
+                runs = run_rtl([cases[i] for i in chunk], [expected[i] for i in chunk], build,
+                               hcfg=hcfg, dram_size=dram)
+            except (RuntimeError, OSError, ValueError) as exc:   # the batch's cases fail
+                runs = [RTLRun(error=f"the simulation of this batch failed: {exc}")
+                        for _ in chunk]
             return chunk, runs
 
         done = 0

@@ -204,9 +204,11 @@ async def run_jobs(dut: Any) -> None:
             await RisingEdge(dut.clk)
             dut.rst.value = 0
             await Timer(flush * PERIOD_NS, unit="ns")
-            # Unknown memory state: force a full clean next time.
-            dram_now[:] = 1
-            dram_extent = meta["dram_size"]
+            # Unknown memory state: rewrite everything the program could have written (its
+            # DRAM range, all of SPAD and ACC) before the next job.
+            nb = int(job["dram_bytes"])
+            dram_now[:nb] = ~dram_now[:nb]
+            dram_extent = max(dram_extent, nb)
             spad_nz = np.arange(spad.depth)
             acc_nz = np.arange(acc.depth)
         out[f"info{k}"] = np.array(json.dumps(info))
