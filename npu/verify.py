@@ -789,15 +789,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         except ISAError as exc:
             raise CLIError(str(exc)) from None
     try:
-        inputs = check_inputs(program, parse_inputs(args.input or []))
+        given = dict(parse_inputs(args.input or []))
+        # Inputs not given are drawn at random (seeded), as --help says, before the check.
+        drawn = random_inputs(np.random.default_rng(args.seed), program)
+        for name in drawn:
+            if name not in given:
+                given[name] = drawn[name]
+                print(f"input {name}: random (seed {args.seed})")
+        inputs = check_inputs(program, given)
     except UsageError as exc:
         raise CLIError(str(exc)) from None
-    rng = np.random.default_rng(args.seed)
-    drawn = random_inputs(rng, program)
-    for name in drawn:
-        if name not in inputs:
-            inputs[name] = drawn[name]
-            print(f"input {name}: random (seed {args.seed})")
     case = Case(Path(args.program).name, program, inputs, watchdog=args.watchdog,
                 validate=not args.no_validate)
     try:

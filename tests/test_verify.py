@@ -173,3 +173,32 @@ def test_cli_registers_verify_and_conformance() -> None:
     assert args.sim == "icarus" and args.func.__name__ == "_cmd_verify"
     args = parser.parse_args(["conformance", "--count", "5"])
     assert args.count == 5 and args.configs == "npu4,npu8"
+
+
+def test_verify_draws_missing_inputs_at_random(tmp_path, monkeypatch, capsys) -> None:
+    """`npu verify` fills the inputs it was not given with seeded random data (as its --help
+    says) instead of refusing; the RTL run itself is replaced by a recorder here."""
+    from npu import verify
+    from npu.asm import assemble_file
+    from npu.cli import main
+    from npu.program import save
+
+    prog = assemble_file("examples/hello.s")
+    path = tmp_path / "hello.npub"
+    save(prog, path)
+    seen: list[Case] = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(cases, **_kw):
+        seen.extend(cases)
+        raise Recorded
+
+    monkeypatch.setattr(verify, "prepare_simulator", lambda sim: None)
+    monkeypatch.setattr(verify, "verify_cases", record)
+    with pytest.raises(Recorded):
+        main(["verify", str(path), "--seed", "3"])
+    assert "input x: random (seed 3)" in capsys.readouterr().out
+    expected = random_inputs(np.random.default_rng(3), prog)["x"]
+    np.testing.assert_array_equal(seen[0].inputs["x"], expected)
