@@ -35,6 +35,7 @@ import numpy as np
 
 from npu.compiler.errors import CompileError
 from npu.isa import INSTR_WORDS, LAYOUTS, OPCODE_ENGINE, Engine, NPUConfig, Opcode
+from npu.program import label_region
 
 __all__ = ["Stream", "DRAM_BLOCK"]
 
@@ -148,11 +149,7 @@ class Stream:
 
     def region(self, label: str) -> None:
         """Label the instructions emitted from now on (a layer name, for the profile)."""
-        idx = len(self.opcodes)
-        if self.regions and self.regions[-1][0] == idx:
-            self.regions[-1] = (idx, label)
-        else:
-            self.regions.append((idx, label))
+        label_region(self.regions, len(self.opcodes), label)
 
     def _add(self, op: int, eng: int, fields: tuple[int, ...]) -> tuple[int, list[int]]:
         idx = len(self.opcodes)

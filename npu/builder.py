@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from npu.isa import Engine, Instr, ISAError, NPUConfig, Opcode, encode_words, get_config
-from npu.program import Binding, Program, ProgramError, Segment
+from npu.program import Binding, Program, ProgramError, Segment, label_region
 
 __all__ = ["ProgramBuilder", "engine_mask", "DEFAULTS"]
 
@@ -136,11 +136,7 @@ class ProgramBuilder:
     # Emission --------------------------------------------------------------------------------
     def region(self, label: str) -> None:
         """Label the instructions emitted from now on (e.g. a layer name) for the profile."""
-        index = len(self._instrs)
-        if self.regions and self.regions[-1][0] == index:
-            self.regions[-1] = (index, label)
-        else:
-            self.regions.append((index, label))
+        label_region(self.regions, len(self._instrs), label)
 
     def emit(self, opcode: Opcode, *, wait: Any = None, signal: Any = None, **fields: int) -> int:
         """Append one instruction; returns its index. Field errors raise ISAError."""

@@ -41,6 +41,7 @@ from npu.isa import (
 )
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "DTYPES", "ProgramError", "Binding", "Segment", "Program",
+           "label_region",
            "load", "save"]
 
 MAGIC = b"NPUB"
@@ -99,6 +100,15 @@ class Segment:
     @property
     def end(self) -> int:
         return self.addr + len(self.data)
+
+
+def label_region(regions: list[tuple[int, str]], index: int, label: str) -> None:
+    """Start region ``label`` at instruction ``index`` in ``regions`` (a Program's list).
+    A label given where the previous one starts replaces it, so no region is ever empty."""
+    if regions and regions[-1][0] == index:
+        regions[-1] = (index, label)
+    else:
+        regions.append((index, label))
 
 
 def _is_int(v: Any) -> bool:
