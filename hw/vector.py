@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from amaranth.hdl import Module, Mux, Signal, Value, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from npu import isa
 from npu.isa import EltFunc, NPUConfig, Opcode
+from npu.numerics import F32_PRODUCT_LIMIT
 
 from .common import (
     DelayLine,
@@ -36,20 +37,61 @@ __all__ = ["VectorUnit", "requantize_lane", "eltwise_lane"]
 _ROW = 20
 
 
+def _rne_drop(v: Value, k: int) -> Value:
+    """Unsigned ``v / 2**k`` rounded half to even, for a constant ``k >= 1``."""
+    q = v[k:]
+    return q + (v[k - 1] & (v[:k - 1].any() | q[0]))
+
+
 def requantize_lane(m: Module, acc: Value, bias: Value, mult: Value, shift: Value,
-                    zero_point: Value, lo: Value, hi: Value) -> Value:
-    """``numerics.requantize`` for one lane (int32 inputs, int8 result)."""
+                    zero_point: Value, lo: Value, hi: Value, fp32: Value) -> Value:
+    """``numerics.requantize`` for one lane (int32 inputs, int8 result), both modes.
+
+    ``fp32 = 1`` computes ``rne(f32(f32(x) * scale))`` (``mult`` holds the binary32 bit pattern)
+    in integer logic: ``|x|`` is normalised (leading-one shifter) and rounded to a 24-bit
+    mantissa, multiplied by the scale's 24-bit mantissa on the integer mode's multiplier, the
+    48-bit product rounded to 24 bits, and that shifted right by the combined exponent, rounded
+    to an integer; every rounding is to nearest even, as in IEEE-754. A product of at least
+    ``2**15`` saturates (``numerics.F32_PRODUCT_LIMIT``), exponent field 0 or 255 is scale 0.
+    """
     x = comb_signal(m, wrap32(acc + bias))
-    prod = comb_signal(m, x * mult)
-    return clamp_int8(m, round_shift(m, prod, shift[:6]) + zero_point, lo, hi)
+    bits = Value.cast(mult)
+    # f32(x): |x| < 2**32 normalised so that bit 31 is its leading one; z = leading zeros.
+    n = comb_signal(m, Mux(x[31], -x, x)[:32], "f32_norm0")
+    zbits = []
+    for w in (16, 8, 4, 2, 1):
+        t = comb_signal(m, n[32 - w:] == 0, f"f32_z{w}")
+        n = comb_signal(m, Mux(t, n << w, n)[:32], f"f32_norm{w}")
+        zbits.append(t)
+    z = Cat(*reversed(zbits))                       # |x| in [2**(31-z), 2**(32-z))
+    mx = comb_signal(m, _rne_drop(n, 8), "f32_mx")  # in [2**23, 2**24]: f32(|x|) / 2**(8-z)
+    ms = Cat(bits[:23], Const(1, 1))                # hidden bit: scale mantissa in [2**23, 2**24)
+    e = bits[23:31]
+    # One multiplier for both modes: x * mult, or the two mantissas (product < 2**48).
+    prod = comb_signal(m, Mux(fp32, mx, x) * Mux(fp32, ms, mult))
+    # f32(product): h = 1 when the product has 48 significant bits; q in [2**23, 2**24].
+    h = prod[47]
+    q = comb_signal(m, _rne_drop(Mux(h, prod[:48], prod[:47] << 1), 24), "f32_q")
+    # The float product is q * 2**-d with d = z + 119 - h - e; d <= 8 means >= 2**15.
+    sat = comb_signal(m, z + 111 <= h + e, "f32_sat")
+    d = comb_signal(m, (z + 119 - (h + e))[:9], "f32_d")   # in [9, 149] unless sat
+    rounded = round_shift(m, Cat(q, Const(0, 1)).as_signed(), Mux(d > 31, 31, d)[:5])
+    mag = Mux(sat, F32_PRODUCT_LIMIT, rounded)
+    zero = ~n[31] | (e == 0) | (e == 0xFF)
+    mag = comb_signal(m, Mux(zero, 0, mag), "f32_mag")
+    y_f32 = comb_signal(m, Mux(x[31] ^ bits[31], -mag, mag), "f32_y")
+    y_int = round_shift(m, prod, shift[:6])
+    return clamp_int8(m, Mux(fp32, y_f32, y_int) + zero_point, lo, hi)
 
 
 def eltwise_lane(m: Module, a: Value, b: Value, f: data.View) -> Value:
     """``numerics.eltwise_add`` / ``eltwise_max`` for one lane; ``f`` is the ELTWISE view."""
+    # signed(9) x unsigned(23) products are signed(32), their sum signed(33): exact, as the
+    # int64 of numerics (Amaranth sizes every operator for its full result).
     t = comb_signal(m, (a - f.a_zero) * f.a_mult + (b - f.b_zero) * f.b_mult)
     add = clamp_int8(m, round_shift(m, t, f.shift) + f.zero_point, f.clamp_min, f.clamp_max)
     mx = clamp_int8(m, Mux(a > b, a, b), f.clamp_min, f.clamp_max)
-    return Mux(f.func == int(EltFunc.ADD), add, mx)  # as the reference: any other func is MAX
+    return Mux(f.func == int(EltFunc.ADD), add, mx)  # func is 1 bit: ADD or MAX
 
 
 class VectorUnit(wiring.Component):
@@ -119,7 +161,8 @@ class VectorUnit(wiring.Component):
         res = Signal(spad_row(cfg))
         for c in range(cfg.cols):
             r_vec = requantize_lane(m, self.acc_r.data[c], params[0][c], params[1][c],
-                                    params[2][c], vq.zero_point, vq.clamp_min, vq.clamp_max)
+                                    params[2][c], vq.zero_point, vq.clamp_min, vq.clamp_max,
+                                    vq.fp32)
             r_elt = eltwise_lane(m, self.spad_ra.data[c], self.spad_rb.data[c], eq_)
             m.d.comb += res[c].eq(Mux(q.kind == K_VROW, r_vec, r_elt))
 

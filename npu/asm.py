@@ -265,7 +265,7 @@ def format_instruction(instr: Instr) -> str:
         enum_type = _ENUM_FIELDS.get(key)
         if enum_type is not None and value in enum_type._value2member_map_:
             parts.append(f"{key}={enum_type(value).name}")
-        else:  # plain numbers, and encodable values that have no name (ELTWISE func=3)
+        else:  # plain numbers (every encodable value of an enum field has a name)
             parts.append(f"{key}={value}")
     for key in ("wait", "signal"):
         mask = getattr(instr, key)

@@ -161,9 +161,11 @@ class ProgramBuilder:
         """MATMUL (EX): stream SPAD rows through the array into ACC."""
         return self.emit(Opcode.MATMUL, **{**DEFAULTS[Opcode.MATMUL], **kw})
 
-    def vector(self, **kw: Any) -> int:
-        """VECTOR (VX): requantize ACC rows into SPAD."""
-        return self.emit(Opcode.VECTOR, **{**DEFAULTS[Opcode.VECTOR], **kw})
+    def vector(self, *, fp32: int = 0, **kw: Any) -> int:
+        """VECTOR (VX): requantize ACC rows into SPAD. ``fp32=1``: the multiplier row holds
+        float32 scales as bit patterns (:func:`npu.numerics.f32_bits`), applied as
+        onnxruntime does, and the shift row is ignored (:func:`npu.numerics.requantize`)."""
+        return self.emit(Opcode.VECTOR, **{**DEFAULTS[Opcode.VECTOR], **kw}, fp32=fp32)
 
     def eltwise(self, **kw: Any) -> int:
         """ELTWISE (VX): rescaled ADD or MAX of SPAD rows."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from npu.coverage import Coverage
 from npu.isa import (
+    LAYOUTS,
     EltFunc,
     Engine,
     Fault,
@@ -247,14 +248,15 @@ def compiled_cases(config: str | NPUConfig, models: Sequence[str] = COMPILED_MOD
 # Coverage of the corpus
 # --------------------------------------------------------------------------------------------
 
+_ELT = LAYOUTS[Opcode.ELTWISE]
 _PAIRS = [f"{a.name}->{b.name}" for a in Engine for b in Engine if a != b]
 _FEATURES = {
     Opcode.LOAD: ("spad", "acc", "fill", "2d", "partial_row", "n1"),
     Opcode.GATHER: ("spad", "acc", "n1", "partial_row"),
     Opcode.PRELOAD: ("plain",),
     Opcode.MATMUL: ("overwrite", "accumulate", "swap", "2d", "strided", "n1"),
-    Opcode.VECTOR: ("plain", "relu_clamp", "n1"),
-    Opcode.ELTWISE: ("add", "max", "in_place", "2d", "n1"),
+    Opcode.VECTOR: ("plain", "relu_clamp", "n1", "fixed_point", "fp32"),
+    Opcode.ELTWISE: ("add", "max", "in_place", "2d", "n1", "add_mult_max", "add_shift_max"),
     Opcode.STORE: ("spad", "acc", "2d", "partial_row", "n1"),
     Opcode.SYNC: tuple(e.name for e in Engine),
     Opcode.BARRIER: ("plain",),
@@ -284,8 +286,14 @@ def _features(op: Opcode, f: dict[str, int], cfg: NPUConfig) -> list[str]:
             out.append("strided")
     if op == Opcode.VECTOR:
         out.append("relu_clamp" if (f["clamp_min"] > -128 or f["clamp_max"] < 127) else "plain")
+        out.append("fp32" if f["fp32"] else "fixed_point")
     if op == Opcode.ELTWISE:
         out.append("add" if f["func"] == EltFunc.ADD else "max")
+        if f["func"] == EltFunc.ADD:  # the edges of the ADD fields' ranges (MAX ignores them)
+            if max(f["a_mult"], f["b_mult"]) == _ELT["a_mult"].hi:
+                out.append("add_mult_max")
+            if f["shift"] == _ELT["shift"].hi:
+                out.append("add_shift_max")
         if f["dst"] in (f["a_addr"], f["b_addr"]):
             out.append("in_place")
     if op == Opcode.SYNC:

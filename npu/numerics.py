@@ -36,15 +36,50 @@ def clamp(y: np.ndarray, lo: int | np.ndarray, hi: int | np.ndarray) -> np.ndarr
     return np.clip(y, INT8_MIN, INT8_MAX)
 
 
+#: |p| beyond which a float32 requantization product saturates whatever the zero point/clamp.
+F32_PRODUCT_LIMIT = 1 << 15
+
+
+def f32_scales(bits: np.ndarray) -> np.ndarray:
+    """VECTOR fp32 mode: the float32 scales held (as int32 bit patterns) in a multiplier row.
+
+    Bit patterns with exponent field 0 (zero, subnormal) or 255 (inf, NaN) act as scale 0, so
+    every pattern has a defined, finite meaning (the compiler never emits them)."""
+    u = np.asarray(bits, dtype=np.int64) & 0xFFFFFFFF
+    exp = (u >> 23) & 0xFF
+    u = np.where((exp == 0) | (exp == 0xFF), 0, u)
+    return u.astype(np.uint32).view(np.float32)
+
+
 def requantize(acc: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray,
-               zero_point: int, clamp_min: int, clamp_max: int) -> np.ndarray:
+               zero_point: int, clamp_min: int, clamp_max: int,
+               fp32: int = 0) -> np.ndarray:
     """VECTOR: int32 accumulator rows -> int8, per lane (last axis) bias/multiplier/shift.
 
-    ``y = clamp(round_shift(wrap32(acc + bias) * mult, shift & 63) + zero_point)``.
+    ``x = wrap32(acc + bias)``, then
+
+    * integer mode (``fp32 == 0``): ``y = clamp(round_shift(x * mult, shift & 63) + zero_point)``;
+    * fp32 mode: ``mult`` holds binary32 scales (:func:`f32_scales`) and
+      ``y = clamp(rne(f32(f32(x) * scale)) + zero_point)``: ``x`` is rounded to float32, the
+      product is rounded to float32 (both to nearest even), and that is rounded to the nearest
+      integer, ties to even. This is onnxruntime's (MLAS) requantization of QLinearConv, QGemm
+      and QLinearGlobalAveragePool, bit for bit; its double rounding cannot be reproduced by a
+      fixed-point multiplier. Products beyond +-2**15 saturate (any clamp would anyway).
     """
     x = wrap_int32(np.asarray(acc, dtype=np.int64) + np.asarray(bias, dtype=np.int64))
+    if fp32:
+        with np.errstate(over="ignore"):                      # +-inf: clipped next
+            p = x.astype(np.float32) * f32_scales(mult)       # IEEE binary32, round to even
+        p = np.clip(p, -F32_PRODUCT_LIMIT, F32_PRODUCT_LIMIT)
+        y = np.rint(p).astype(np.int64)                       # np.rint: ties to even
+        return clamp(y + zero_point, clamp_min, clamp_max).astype(np.int8)
     prod = x * np.asarray(mult, dtype=np.int64)
     return clamp(round_shift(prod, shift) + zero_point, clamp_min, clamp_max).astype(np.int8)
+
+
+def f32_bits(scale: float | np.ndarray) -> np.ndarray:
+    """int32 bit patterns of float32 scales (what a VECTOR fp32 multiplier row holds)."""
+    return np.asarray(scale, dtype=np.float32).view(np.int32).astype(np.int64)
 
 
 def eltwise_add(a: np.ndarray, b: np.ndarray, a_zero: int, b_zero: int, a_mult: int,

@@ -6,7 +6,8 @@ pair of instructions that touch the same memory:
 
 * :func:`random_program` draws a valid program covering every instruction kind and field
   feature (2-D strides, fill, ACC targets, accumulate, swap, gathers, ELTWISE with coinciding
-  destination, clamps, SYNC on every engine, BARRIER, random extra tokens), with boundary sizes
+  destination, clamps, VECTOR with float32 scales (``fp32``; :func:`f32_scale_bits`), SYNC on
+  every engine, BARRIER, random extra tokens), with boundary sizes
   (n = 1, full rows, the last SPAD/ACC row, the last DRAM byte). Tokens are added so that the
   program is race free and can neither deadlock nor overflow a token counter.
 * :func:`random_inputs` draws values for a program's input bindings.
@@ -48,8 +49,8 @@ from npu.isa import (
 )
 from npu.program import Binding, Program, Segment
 
-__all__ = ["KINDS", "random_program", "random_inputs", "fault_program", "access_sets",
-           "find_races", "program_strategy", "FAULT_KINDS"]
+__all__ = ["KINDS", "FP32_SHARE", "f32_scale_bits", "random_program", "random_inputs",
+           "fault_program", "access_sets", "find_races", "program_strategy", "FAULT_KINDS"]
 
 #: Instruction kinds the generator draws (HALT always ends a program).
 KINDS: tuple[Opcode, ...] = (Opcode.LOAD, Opcode.GATHER, Opcode.PRELOAD, Opcode.MATMUL,
@@ -58,6 +59,14 @@ KINDS: tuple[Opcode, ...] = (Opcode.LOAD, Opcode.GATHER, Opcode.PRELOAD, Opcode.
 _WEIGHT = {Opcode.LOAD: 3.0, Opcode.GATHER: 1.0, Opcode.PRELOAD: 1.5, Opcode.MATMUL: 2.0,
            Opcode.VECTOR: 1.5, Opcode.ELTWISE: 1.5, Opcode.STORE: 2.0, Opcode.SYNC: 1.0,
            Opcode.BARRIER: 0.3}
+#: Share of VECTORs drawn with ``fp32=1`` (float32 scales in the multiplier row).
+FP32_SHARE = 0.4
+#: VECTOR parameter sets (bias, multiplier, shift rows) at the start of DRAM, loaded into ACC
+#: by the first instruction: integer ones, then one of float32 scales (the last).
+_PARAM_SETS = 3
+_F32_SET = _PARAM_SETS - 1
+#: ELTWISE's field layout: multipliers and shift are drawn over these fields' ranges.
+_ELT_FIELDS = LAYOUTS[Opcode.ELTWISE]
 #: Fault codes :func:`fault_program` can produce.
 FAULT_KINDS: tuple[Fault, ...] = (Fault.ILLEGAL_INSTRUCTION, Fault.ADDRESS_OUT_OF_RANGE,
                                   Fault.TOKEN_DEADLOCK, Fault.WATCHDOG, Fault.TOKEN_OVERFLOW)
@@ -254,6 +263,26 @@ def find_races(program: Program, dram: np.ndarray | None = None) -> list[str]:
 # The generator
 # --------------------------------------------------------------------------------------------
 
+def f32_scale_bits(rng: np.random.Generator, n: int, special: float = 0.08) -> np.ndarray:
+    """``n`` int32 bit patterns for a VECTOR fp32 multiplier row: mostly normal float32 scales
+    in [2**-20, 2**-2) (random mantissa, one in seven a power of two so products hit ties,
+    one in ten negative); a ``special`` share are arbitrary patterns: exponent field 0 (zero,
+    subnormal), 255 (inf, NaN) or any 32 bits."""
+    exp = rng.integers(127 - 20, 127 - 2, n)
+    mant = np.where(rng.random(n) < 1 / 7, 0, rng.integers(0, 1 << 23, n))
+    sign = (rng.random(n) < 0.1).astype(np.int64)
+    bits = (sign << 31) | (exp << 23) | mant
+    odd = rng.random(n) < special
+    kind = rng.integers(0, 3, n)
+    any_sign = rng.integers(0, 2, n) << 31
+    anything = np.where(kind == 0, any_sign | rng.integers(0, 1 << 23, n),            # exp 0
+                        np.where(kind == 1, any_sign | (0xFF << 23) | np.where(
+                            rng.random(n) < 0.5, 0, rng.integers(0, 1 << 23, n)),  # inf, NaN
+                                 rng.integers(0, 1 << 32, n)))                      # any
+    bits = np.where(odd, anything, bits)
+    return bits.astype(np.uint32).view(np.int32)
+
+
 def _kind(k: Opcode | str | int) -> Opcode:
     if isinstance(k, str):
         try:
@@ -276,8 +305,9 @@ class _Gen:
         self.rng, self.cfg, self.kinds, self.boundary = rng, cfg, tuple(kinds), boundary
         cols = cfg.cols
         acc_row = cfg.acc_row_bytes
-        # DRAM: [0, data) random bytes starting with two realistic VECTOR parameter triples,
-        # then the int8 input "x", then the GATHER index lists (never written by STORE).
+        # DRAM: [0, data) random bytes starting with three realistic VECTOR parameter triples
+        # (two integer, one of float32 scales), then the int8 input "x", then the GATHER index
+        # lists (never written by STORE).
         self.data_bytes = acc_row * int(rng.integers(24, 64))
         self.x_rows = int(rng.integers(1, 9))
         self.x_addr = self.data_bytes
@@ -287,18 +317,22 @@ class _Gen:
         self.dram_bytes = self.index_addr + self.index_bytes
         self.dram = np.zeros(self.dram_bytes, dtype=np.uint8)
         self.dram[:self.data_bytes] = rng.integers(0, 256, self.data_bytes, dtype=np.uint8)
-        params = np.zeros((2 * VECTOR_PARAM_ROWS, cols), dtype="<i4")
-        for t in range(2):
+        params = np.zeros((_PARAM_SETS * VECTOR_PARAM_ROWS, cols), dtype="<i4")
+        for t in range(_PARAM_SETS):
             params[3 * t] = rng.integers(-2000, 2001, cols)                 # bias
             params[3 * t + 1] = rng.integers(1 << 29, (1 << 31) - 1, cols)  # multiplier
             params[3 * t + 2] = rng.integers(26, 46, cols)                  # shift
+        # The last set is for fp32 VECTORs: float32 scales, and a shift row they ignore.
+        params[3 * _F32_SET + 1] = f32_scale_bits(rng, cols)
+        params[3 * _F32_SET + 2] = rng.integers(-(1 << 31), 1 << 31, cols)
         self.dram[:params.nbytes] = params.view(np.uint8).reshape(-1)
         self.index_top = self.index_addr
         # On-chip windows: most addresses fall in a small window so that instructions share
         # memory (and need tokens); `boundary` of them end at the last row instead.
         self.spad_window = min(cfg.spad_rows, 4 * cfg.rows + 32)
         self.acc_window = min(cfg.acc_rows, 48)
-        self.param_acc = int(rng.integers(0, self.acc_window - 2 * VECTOR_PARAM_ROWS + 1))
+        self.param_acc = int(rng.integers(0, self.acc_window
+                                          - _PARAM_SETS * VECTOR_PARAM_ROWS + 1))
         # The program so far.
         self.ops: list[Opcode] = []
         self.fields: list[dict[str, int]] = []
@@ -424,8 +458,14 @@ class _Gen:
         n = self._count(8)
         acc = self._place(n, cfg.acc_rows, self.acc_window)
         spad = self._place(n, cfg.spad_rows, self.spad_window)
-        if rng.random() < 0.8:
-            param = self.param_acc + VECTOR_PARAM_ROWS * int(rng.integers(0, 2))
+        fp32 = int(rng.random() < FP32_SHARE)
+        u = rng.random()
+        if u < 0.8:     # a loaded parameter set: fp32 VECTORs mostly take the float one
+            if fp32 and u < 0.7:
+                t = _F32_SET
+            else:       # integer sets (as scales: arbitrary patterns, huge exponents)
+                t = int(rng.integers(0, _PARAM_SETS if fp32 else _F32_SET))
+            param = self.param_acc + VECTOR_PARAM_ROWS * t
         else:
             param = self._place(VECTOR_PARAM_ROWS, cfg.acc_rows, self.acc_window)
         if acc is None or spad is None or param is None:
@@ -433,7 +473,7 @@ class _Gen:
         zp = 0 if rng.random() < 0.4 else self._int8()
         lo, hi = self._clamps(zp)
         return dict(acc_addr=acc, spad_addr=spad, param_addr=param, n=n, zero_point=zp,
-                    clamp_min=lo, clamp_max=hi)
+                    clamp_min=lo, clamp_max=hi, fp32=fp32)
 
     def _gen_eltwise(self) -> dict[str, int] | None:
         rng, cfg = self.rng, self.cfg
@@ -467,13 +507,32 @@ class _Gen:
                 return None
         zp = 0 if rng.random() < 0.3 else self._int8()
         lo, hi = self._clamps(zp)
-        f.update(dst=dst, shift=int(rng.integers(0, 21)) if rng.random() < 0.9 else
-                 int(rng.integers(0, 64)),
-                 a_mult=int(rng.integers(-(1 << 15), 1 << 15)),
-                 b_mult=int(rng.integers(-(1 << 15), 1 << 15)),
-                 a_zero=self._int8(), b_zero=self._int8(), zero_point=zp, clamp_min=lo,
-                 clamp_max=hi)
+        shift = self._elt_shift()
+        f.update(dst=dst, shift=shift, a_mult=self._elt_mult(shift),
+                 b_mult=self._elt_mult(shift), a_zero=self._int8(), b_zero=self._int8(),
+                 zero_point=zp, clamp_min=lo, clamp_max=hi)
         return f
+
+    def _elt_shift(self) -> int:
+        """ELTWISE ``shift`` over its field range: the edges 0 and max, else uniform."""
+        top = _ELT_FIELDS["shift"].hi
+        u = self.rng.random()
+        return 0 if u < 0.05 else top if u < 0.1 else int(self.rng.integers(0, top + 1))
+
+    def _elt_mult(self, shift: int) -> int:
+        """An ELTWISE multiplier over its field range: the edges 0 and max; typical ones as
+        the compiler makes them (about ``2**(shift - 2)``, so the sum lands in the int8 range
+        instead of saturating); or any bit length."""
+        top = _ELT_FIELDS["a_mult"].hi
+        u = self.rng.random()
+        if u < 0.1:
+            return 0
+        if u < 0.2:
+            return top
+        if u < 0.7 and shift >= 2:
+            lo = 1 << max(0, min(shift - 3, top.bit_length() - 1))
+            return int(self.rng.integers(lo, min(1 << (shift - 1), top) + 1))
+        return int(self.rng.integers(0, 1 << int(self.rng.integers(1, top.bit_length() + 1))))
 
     def _gen_store(self) -> dict[str, int] | None:
         rng, cfg = self.rng, self.cfg
@@ -586,7 +645,7 @@ class _Gen:
     def body(self, n: int) -> None:
         """Append ``n`` random instructions (a parameter LOAD first when VECTOR may use it)."""
         if n >= 2 and Opcode.VECTOR in self.kinds and Opcode.LOAD in self.kinds:
-            rows = 2 * VECTOR_PARAM_ROWS
+            rows = _PARAM_SETS * VECTOR_PARAM_ROWS
             acc_row = self.cfg.acc_row_bytes
             self.add(Opcode.LOAD, dict(dram_addr=0, dram_stride_outer=0,
                                        dram_stride_inner=acc_row, dst=self.param_acc,

@@ -26,14 +26,16 @@ import numpy as np
 from numba import njit
 
 from npu.isa import ALL_FIELD_NAMES, EltFunc, Engine, Fault, Mem, Opcode, Unit
+from npu.numerics import F32_PRODUCT_LIMIT
 from npu.runtime.result import Stall
 
 
 def isa_fingerprint() -> str:
     """A digest of the ISA facts this module compiles in as constants (field order, opcodes,
-    units, engines, faults, memories, ELTWISE functions, stall codes)."""
+    units, engines, faults, memories, ELTWISE functions, stall codes, the fp32 product limit)."""
     facts = [ALL_FIELD_NAMES] + [[(m.name, int(m)) for m in enum]
                                  for enum in (Opcode, Unit, Engine, Fault, Mem, EltFunc, Stall)]
+    facts.append([("F32_PRODUCT_LIMIT", F32_PRODUCT_LIMIT)])
     return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
@@ -41,7 +43,7 @@ def isa_fingerprint() -> str:
 #: cached kernels would keep the old constants (numba only watches this file): then the
 #: fingerprints differ, the kernels are compiled without the disk cache (correct, slower to
 #: start) and a warning asks to review the kernels and update this value.
-ISA_FINGERPRINT = "3744ad33ff5984c2"
+ISA_FINGERPRINT = "cb8cf819a4702ead"
 _CACHE_OK = isa_fingerprint() == ISA_FINGERPRINT
 if not _CACHE_OK:
     warnings.warn(f"npu.isa changed since runtime/_kernels.py was last checked against it: the "
@@ -87,6 +89,7 @@ F_PARAM_ADDR = _COL["param_addr"]
 F_ZERO_POINT = _COL["zero_point"]
 F_CLAMP_MIN = _COL["clamp_min"]
 F_CLAMP_MAX = _COL["clamp_max"]
+F_FP32 = _COL["fp32"]
 F_FUNC = _COL["func"]
 F_A_ADDR = _COL["a_addr"]
 F_B_ADDR = _COL["b_addr"]
@@ -292,7 +295,11 @@ def exec_matmul(f: np.ndarray, spad: np.ndarray, acc: np.ndarray, wbank: np.ndar
 
 @njit(**NJIT)
 def exec_vector(f: np.ndarray, spad: np.ndarray, acc: np.ndarray) -> None:
-    """VECTOR: requantize ACC rows into SPAD with per-lane bias, multiplier, shift rows."""
+    """VECTOR: requantize ACC rows into SPAD with per-lane bias, multiplier, shift rows, or with
+    float32 scales in the multiplier row when ``fp32`` is set (twin: numerics.requantize)."""
+    if f[F_FP32] != 0:
+        _vector_fp32(f, spad, acc)
+        return
     p = f[F_PARAM_ADDR]
     zp, lo, hi = f[F_ZERO_POINT], f[F_CLAMP_MIN], f[F_CLAMP_MAX]
     for i in range(f[F_N]):
@@ -301,6 +308,30 @@ def exec_vector(f: np.ndarray, spad: np.ndarray, acc: np.ndarray) -> None:
             x = wrap32(np.int64(acc[src, j]) + np.int64(acc[p, j]))
             prod = x * np.int64(acc[p + 1, j])
             spad[dst, j] = clamp8(round_shift(prod, np.int64(acc[p + 2, j])) + zp, lo, hi)
+
+
+@njit(**NJIT)
+def _vector_fp32(f: np.ndarray, spad: np.ndarray, acc: np.ndarray) -> None:
+    """VECTOR with ``fp32=1``: ``clamp(rint(f32(f32(x) * scale)) + zp)`` in float32 only (a
+    float64 anywhere would round once instead of twice). Exponent 0/255 patterns are scale 0
+    (numerics.f32_scales); products beyond F32_PRODUCT_LIMIT saturate (also +-inf)."""
+    p = f[F_PARAM_ADDR]
+    zp, lo, hi = f[F_ZERO_POINT], f[F_CLAMP_MIN], f[F_CLAMP_MAX]
+    scales = acc[p + 1].view(np.float32)          # the bit patterns, reinterpreted
+    limit = np.float32(F32_PRODUCT_LIMIT)
+    zero = np.float32(0)
+    for i in range(f[F_N]):
+        src, dst = f[F_ACC_ADDR] + i, f[F_SPAD_ADDR] + i
+        for j in range(acc.shape[1]):
+            x = wrap32(np.int64(acc[src, j]) + np.int64(acc[p, j]))
+            exp = (np.int64(acc[p + 1, j]) >> 23) & 0xFF
+            scale = zero if exp == 0 or exp == 0xFF else scales[j]
+            prod = np.float32(x) * scale           # int64 -> float32 and the product: RNE
+            if prod > limit:
+                prod = limit
+            elif prod < -limit:
+                prod = -limit
+            spad[dst, j] = clamp8(np.int64(np.rint(prod)) + zp, lo, hi)
 
 
 @njit(**NJIT)

@@ -25,6 +25,7 @@ import numpy as np
 
 from npu import numerics
 from npu.isa import (
+    EltFunc,
     Engine,
     Fault,
     Instr,
@@ -116,7 +117,7 @@ def _exec_vector(f: Mapping[str, int], spad: np.ndarray, acc: np.ndarray) -> Non
     n = f["n"]
     bias, mult, shift = (acc[f["param_addr"] + k].astype(np.int64) for k in range(3))
     out = numerics.requantize(acc[f["acc_addr"]:f["acc_addr"] + n], bias, mult, shift,
-                              f["zero_point"], f["clamp_min"], f["clamp_max"])
+                              f["zero_point"], f["clamp_min"], f["clamp_max"], f["fp32"])
     spad[f["spad_addr"]:f["spad_addr"] + n] = out
 
 
@@ -125,7 +126,7 @@ def _exec_eltwise(f: Mapping[str, int], spad: np.ndarray) -> None:
                            f["n_outer"], f["n_inner"])]
     b = spad[_strided_rows(f["b_addr"], f["b_stride_outer"], f["b_stride_inner"],
                            f["n_outer"], f["n_inner"])]
-    if f["func"] == 0:
+    if f["func"] == EltFunc.ADD:
         out = numerics.eltwise_add(a, b, f["a_zero"], f["b_zero"], f["a_mult"], f["b_mult"],
                                    f["shift"], f["zero_point"], f["clamp_min"], f["clamp_max"])
     else:

@@ -71,15 +71,15 @@ def _small_fields(draw: st.DrawFn, op: Opcode, cfg: NPUConfig) -> dict[str, int]
     elif op == Opcode.VECTOR:
         f.update(acc_addr=draw(addr), spad_addr=draw(addr), param_addr=draw(addr), n=draw(count),
                  zero_point=draw(st.integers(-128, 127)), clamp_min=draw(st.integers(-128, 127)),
-                 clamp_max=draw(st.integers(-128, 127)))
+                 clamp_max=draw(st.integers(-128, 127)), fp32=draw(st.integers(0, 1)))
     elif op == Opcode.ELTWISE:
         for src in ("a", "b"):
             f.update({f"{src}_addr": draw(addr), f"{src}_stride_outer": draw(stride),
                       f"{src}_stride_inner": draw(stride),
-                      f"{src}_mult": draw(st.integers(-(1 << 15), (1 << 15) - 1)),
+                      f"{src}_mult": draw(st.integers(0, LAYOUTS[op][f"{src}_mult"].hi)),
                       f"{src}_zero": draw(st.integers(-128, 127))})
         # The destination lies above every operand (max operand end 64 + 3*8 + 3*8 < 128).
-        f.update(func=draw(st.integers(0, 1)), shift=draw(st.integers(0, 63)),
+        f.update(func=draw(st.integers(0, 1)), shift=draw(st.integers(0, LAYOUTS[op]["shift"].hi)),
                  dst=draw(st.integers(128, 192)), n_inner=draw(count), n_outer=draw(count),
                  zero_point=draw(st.integers(-128, 127)), clamp_min=draw(st.integers(-128, 127)),
                  clamp_max=draw(st.integers(-128, 127)))

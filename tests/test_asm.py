@@ -88,6 +88,30 @@ def test_value_syntax() -> None:
     assert parse_instruction("SYNC engine=2").engine == Engine.VX
 
 
+def test_vector_fp32_text_builder_and_binary() -> None:
+    """VECTOR's fp32 flag: written fp32=1, printed only when set, the builder's keyword, its
+    bit in the word, and a whole program round trip."""
+    ins = parse_instruction("VECTOR acc_addr=1 spad_addr=2 param_addr=3 n=4 fp32=1")
+    assert ins.fields["fp32"] == 1 and ins.fields["clamp_min"] == -128
+    text = format_instruction(ins)
+    assert "fp32=1" in text and parse_instruction(text) == ins
+    assert "fp32" not in format_instruction(parse_instruction("VECTOR n=1 fp32=0"))
+    b = ProgramBuilder("npu4")
+    b.vector(acc_addr=1, spad_addr=2, param_addr=3, n=4, fp32=1)
+    b.vector(acc_addr=1, spad_addr=2, param_addr=3, n=4)
+    assert b.instructions[0] == ins and b.instructions[1].fields["fp32"] == 0
+    word = int.from_bytes(encode(ins), "little")
+    lsb = LAYOUTS[Opcode.VECTOR]["fp32"].lsb
+    assert word >> lsb & 1 == 1 and word ^ (1 << lsb) == int.from_bytes(
+        encode(b.instructions[1]), "little")
+    prog = b.build()
+    again = assemble(disassemble(prog))
+    assert again.to_bytes() == prog.to_bytes()
+    assert [i.fields["fp32"] for i in again.decoded()[:2]] == [1, 0]
+    with pytest.raises(AsmError, match="fp32=2 out of range"):
+        assemble(".config npu4\nVECTOR n=1 fp32=2\nHALT\n")
+
+
 @PROPS
 @given(any_instr())
 def test_instruction_text_round_trip(ins: Instr) -> None:

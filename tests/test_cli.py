@@ -175,7 +175,7 @@ def test_words_survive_the_cli(capsys, tmp_path) -> None:
         PRELOAD spad_addr=8 wait=LD
         MATMUL  n_inner=2 swap=1 accumulate=1 signal=VX
         VECTOR  acc_addr=0 spad_addr=20 param_addr=4 n=2 zero_point=-5 wait=EX
-        ELTWISE func=ADD a_addr=20 b_addr=0 dst=30 n_inner=2 a_mult=-7 shift=3 signal=ST
+        ELTWISE func=ADD a_addr=20 b_addr=0 dst=30 n_inner=2 a_mult=8388607 shift=31 signal=ST
         STORE   src=30 n_inner=2 row_bytes=4 dram_addr=512 dram_stride_inner=4 wait=VX
         SYNC    engine=ST signal=LD
         BARRIER

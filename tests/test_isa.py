@@ -314,16 +314,35 @@ def test_instruction_table_markdown_lists_every_opcode_and_field() -> None:
                 assert f"| {op.name} | `{key}` |" in table
 
 
-def test_eltwise_unassigned_function_is_illegal() -> None:
-    """ELTWISE.func has 2 bits but only ADD and MAX exist: 2 and 3 must not decode."""
-    import numpy as np
+def test_eltwise_layout_by_hand() -> None:
+    """ELTWISE packs its four words exactly (positions written out by hand: a change here is an
+    ISA change): func 1 bit, unsigned 23-bit multipliers, a 5-bit shift."""
+    def at(lsb: int, value: int) -> int:
+        return value << lsb
+    ins = Instr(Opcode.ELTWISE, 0, 1 << Engine.ST, dict(
+        func=1, a_addr=0xFFFFF, a_mult=(1 << 23) - 1, a_zero=-1, b_addr=3, b_mult=1 << 22,
+        b_zero=-128, shift=31, zero_point=5, dst=7, n_inner=0xFFF, n_outer=2, clamp_min=-2,
+        clamp_max=127, a_stride_outer=1, b_stride_outer=0xFFFF, a_stride_inner=4,
+        b_stride_inner=5))
+    expect = (6 | (0b1000 << 8) | at(12, 1) | at(13, 0xFFFFF) | at(33, (1 << 23) - 1)
+              | at(56, 0xFF)                                                    # word 0
+              | at(64, 3) | at(84, 1 << 22) | at(107, 0x80) | at(115, 31) | at(120, 5)  # word 1
+              | at(128, 7) | at(148, 0xFFF) | at(160, 2) | at(172, 0xFE) | at(180, 127)
+              | at(192, 1) | at(208, 0xFFFF) | at(224, 4) | at(240, 5))            # word 3
+    assert int.from_bytes(encode(ins), "little") == expect
+    assert decode(encode(ins)) == ins
+    # Bits 188..191 are the only reserved ones.
+    used = sum(((1 << f.width) - 1) << f.lsb for f in LAYOUTS[Opcode.ELTWISE].values())
+    assert used == ((1 << INSTR_BITS) - 1) & ~(0xF << 188)
 
-    from npu.isa import PRESETS, Fault, Instr, ISAError, Opcode, decode, encode, static_faults
-    good = Instr(Opcode.ELTWISE, fields=dict(func=1, n_inner=1, n_outer=1, dst=8))
-    word = int.from_bytes(encode(good), "little")
-    lsb = __import__("npu.isa", fromlist=["LAYOUTS"]).LAYOUTS[Opcode.ELTWISE]["func"].lsb
-    bad = (word | (3 << lsb)).to_bytes(32, "little")
-    with pytest.raises(ISAError, match=r"ELTWISE.func=3 out of range \[0, 1\]"):
-        decode(bad)
-    words = np.frombuffer(bad, dtype="<u8").reshape(1, 4).astype(np.uint64)
-    assert static_faults(words, PRESETS["npu4"], 64)[0] == Fault.ILLEGAL_INSTRUCTION
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("func", 2, r"ELTWISE\.func=2 out of range \[0, 1\] \(1-bit unsigned\)"),
+    ("a_mult", -1, r"ELTWISE\.a_mult=-1 out of range \[0, 8388607\] \(23-bit unsigned\)"),
+    ("b_mult", 1 << 23, r"ELTWISE\.b_mult=8388608 out of range \[0, 8388607\]"),
+    ("shift", 32, r"ELTWISE\.shift=32 out of range \[0, 31\] \(5-bit unsigned\)"),
+])
+def test_eltwise_field_ranges(key: str, value: int, pattern: str) -> None:
+    """Only ADD and MAX encode (every 1-bit func names one); multipliers are unsigned."""
+    with pytest.raises(ISAError, match=pattern):
+        Instr(Opcode.ELTWISE, fields={key: value, "n_inner": 1, "n_outer": 1})

@@ -16,6 +16,7 @@ from npu.program import Program
 from npu.randprog import (
     FAULT_KINDS,
     KINDS,
+    f32_scale_bits,
     fault_program,
     find_races,
     program_strategy,
@@ -61,8 +62,16 @@ def features(program: Program) -> set[str]:
                 out.add("MATMUL_broadcast")
         if op == Opcode.ELTWISE:
             out.add(("ELT_ADD", "ELT_MAX")[f["func"]])
+            # The ends of the multipliers' and shift's ranges (unsigned 23-bit, 5-bit).
+            if 0 in (f["a_mult"], f["b_mult"]):
+                out.add("ELT_mult_0")
+            if (1 << 23) - 1 in (f["a_mult"], f["b_mult"]):
+                out.add("ELT_mult_max")
+            out.update({0: ["ELT_shift_0"], 31: ["ELT_shift_max"]}.get(f["shift"], []))
             if f["dst"] in (f["a_addr"], f["b_addr"]):
                 out.add("ELT_in_place")
+        if op == Opcode.VECTOR and f["fp32"]:
+            out.add("VECTOR_fp32")
         if op in (Opcode.VECTOR, Opcode.ELTWISE) and f["clamp_min"] > f["clamp_max"]:
             out.add("clamp_inverted")
         for space, _, end in footprint(ins, cfg):
@@ -120,8 +129,64 @@ def test_batch_covers_every_kind_feature_and_boundary(batch) -> None:
         "tokens", "SYNC_LD", "SYNC_EX", "SYNC_VX", "SYNC_ST", "LOAD_2d", "STORE_2d",
         "MATMUL_2d", "ELTWISE_2d", "n=1", "LOAD_acc", "GATHER_acc", "STORE_acc", "full_row",
         "LOAD_fill", "GATHER_max", "accumulate", "swap", "MATMUL_broadcast", "ELT_ADD",
-        "ELT_MAX", "ELT_in_place", "clamp_inverted", "last_spad", "last_acc", "last_dram"}
+        "ELT_MAX", "ELT_in_place", "clamp_inverted", "last_spad", "last_acc", "last_dram",
+        "VECTOR_fp32", "ELT_mult_0", "ELT_mult_max", "ELT_shift_0", "ELT_shift_max"}
     assert wanted <= seen, sorted(wanted - seen)
+
+
+def test_eltwise_adds_often_land_in_the_int8_range(batch) -> None:
+    """Many random ELTWISE ADDs have multipliers scaled to their shift as a compiler makes
+    them, so that their results are spread over int8 instead of saturated or rounded to 0."""
+    a, b = (v.ravel() for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128)))
+    spread = adds = 0
+    for prog, _, _ in batch:
+        for ins in prog.decoded():
+            f = ins.fields
+            if ins.opcode == Opcode.ELTWISE and f["func"] == 0:
+                adds += 1
+                t = (a - f["a_zero"]) * f["a_mult"] + (b - f["b_zero"]) * f["b_mult"]
+                y = np.clip(np.round(t / 2.0 ** f["shift"]), -128, 127)   # float is fine here
+                spread += np.unique(y).size > 64
+    assert adds > 50 and spread > adds / 4, (spread, adds)
+
+
+def test_fp32_vectors_are_a_fair_share_and_use_float_scales(batch) -> None:
+    """About FP32_SHARE of the VECTORs have fp32=1, and most of those read the loaded float32
+    parameter set (a normal scale in [2**-20, 2**-2) in most lanes)."""
+    vectors = useful = 0
+    fp32 = []
+    for prog, _, _ in batch:
+        instrs = prog.decoded()
+        first = instrs[0].fields
+        dram = prog.initial_dram()
+        for ins in instrs:
+            if ins.opcode != Opcode.VECTOR:
+                continue
+            vectors += 1
+            if not ins.fields["fp32"]:
+                continue
+            fp32.append(ins)
+            rel = ins.fields["param_addr"] - first["dst"]
+            if instrs[0].opcode == Opcode.LOAD and first["mem"] == 1 and 0 <= rel < 9:
+                row = rel + 1                      # the multiplier row, in loaded order
+                raw = dram[row * prog.config.acc_row_bytes:][:prog.config.acc_row_bytes]
+                exp = raw.view("<i4").astype(np.int64) >> 23 & 0xFF    # |scale| in 2**-20..
+                useful += np.mean((exp >= 127 - 20) & (exp < 127 - 2)) > 0.5  # ..2**-2
+    assert 0.25 < len(fp32) / vectors < 0.55, (len(fp32), vectors)
+    assert useful > len(fp32) / 2, (useful, len(fp32))
+
+
+def test_f32_scale_bits_classes() -> None:
+    bits = f32_scale_bits(np.random.default_rng(1), 5000).astype(np.int64) & 0xFFFFFFFF
+    exp = bits >> 23 & 0xFF
+    normal = (exp >= 127 - 20) & (exp < 127 - 2)
+    assert normal.mean() > 0.85
+    negative, power_of_two = (bits >> 31 == 1) & normal, normal & (bits & 0x7FFFFF == 0)
+    for cls in (exp == 0, exp == 0xFF, negative, power_of_two):
+        assert 0.005 < cls.mean() < 0.3
+    assert (~normal).mean() < 0.1
+    plain = f32_scale_bits(np.random.default_rng(1), 500, special=0.0).astype(np.int64)
+    assert ((plain >> 23 & 0xFF) >= 127 - 20).all() and ((plain >> 23 & 0xFF) < 127 - 2).all()
 
 
 def test_every_program_has_every_kind() -> None:

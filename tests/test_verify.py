@@ -158,6 +158,9 @@ def test_corpus_is_deterministic_and_mixed() -> None:
     for c in a:
         sample_coverage(cov, c, run_runtime(c))
     assert cov.hits["outcome"]["done"] > 0 and cov.hits["outcome"]["WATCHDOG"] > 0
+    assert cov.hits["feature"]["VECTOR.fp32"] > 0 and cov.hits["feature"]["VECTOR.fixed_point"]
+    assert cov.hits["feature"]["ELTWISE.add_mult_max"] > 0
+    assert cov.hits["feature"]["ELTWISE.add_shift_max"] > 0
 
 
 def test_summary_line() -> None:

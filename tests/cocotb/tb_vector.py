@@ -12,8 +12,10 @@ give (``npu.numerics`` applied in start order, the contract's atomic model), and
 the round all of SPAD does.
 
 Coverage: opcode and function, row counts, 2-D and zero strides, in-place destinations,
-shift ranges, parameter extremes (bias wrap, multiplier limits, shift bits above 6),
-saturation, inverted clamps, start spacing and the hazard boundary.
+shift ranges, parameter extremes (bias wrap, multiplier limits, shift bits above 6; ELTWISE
+ADD's multipliers 0, maximal and 23-bit wide, its largest shift, unsaturated sums), the fp32
+mode (float32 scales: negative, exponent field 0 or 255, products that saturate, exact ties,
+|x| >= 2**24), saturation, inverted clamps, start spacing and the hazard boundary.
 """
 
 from __future__ import annotations
@@ -27,12 +29,24 @@ from tbutil import fail, finish_coverage, make_rng, pack, params, read_int, star
 
 from npu import numerics
 from npu.coverage import Coverage
-from npu.isa import VECTOR_PARAM_ROWS, EltFunc, Instr, NPUConfig, Opcode, address_error, timing
+from npu.isa import (
+    LAYOUTS,
+    VECTOR_PARAM_ROWS,
+    EltFunc,
+    Instr,
+    NPUConfig,
+    Opcode,
+    address_error,
+    timing,
+)
+
+#: ELTWISE's fields: multipliers and shift are drawn over their ranges.
+_ELT = LAYOUTS[Opcode.ELTWISE]
 
 
 def coverage() -> Coverage:
     cov = Coverage("vector unit")
-    cov.point("op", ["VECTOR", "ELTWISE ADD", "ELTWISE MAX"])
+    cov.point("op", ["VECTOR", "VECTOR fp32", "ELTWISE ADD", "ELTWISE MAX"])
     cov.point("n", {"1": lambda n: n == 1, "2-7": lambda n: 2 <= n < 8, ">=8": lambda n: n >= 8})
     cov.cross("op x n", ("op", "n"))
     cov.point("eltwise shape", ["2-D", "zero inner stride", "in place on A", "in place on B",
@@ -41,10 +55,17 @@ def coverage() -> Coverage:
                         "26-62": lambda s: 26 <= s <= 62, "63": lambda s: s == 63,
                         "bits above 6 set": lambda s: s >= 64 or s < 0})
     cov.cross("op x shift", ("op", "shift"),
-              waive={f"ELTWISE {f} x bits above 6 set": "ELTWISE's shift field is 6 bits"
-                     for f in ("ADD", "MAX")})
+              waive={**{f"ELTWISE {f} x {b}": "ELTWISE's shift field is 5 bits (0..31)"
+                        for f in ("ADD", "MAX") for b in ("63", "bits above 6 set")},
+                     **{f"VECTOR fp32 x {b}": "fp32 mode ignores the shift row"
+                        for b in ("0", "1-25", "26-62", "63", "bits above 6 set")}})
     cov.point("params", ["bias wraps int32", "mult = INT32_MIN", "mult = INT32_MAX",
                          "negative mult"])
+    cov.point("fp32 scale", ["negative", "exponent field 0", "exponent field 255",
+                             "product in int8 range", "product beyond 2**15", "product tie",
+                             "|x| >= 2**24 rounded"])
+    cov.point("eltwise add", ["shift max", "mult 0", "mult max", "mult top bit set",
+                              "result not saturated"])
     cov.point("result", ["saturates high", "saturates low", "clamp lo > hi"])
     cov.point("start", ["back-to-back", "gap", "at the hazard boundary"])
     return cov
@@ -56,6 +77,7 @@ class Model:
     def __init__(self, cfg: NPUConfig, rng: np.random.Generator) -> None:
         self.cfg = cfg
         self.param_rows: list[int] = [0]
+        self.f32_rows: list[int] = [0]
         self.spad = rng.integers(-128, 128, (cfg.spad_rows, cfg.cols)).astype(np.int8)
         self.acc = rng.integers(-(1 << 31), 1 << 31, (cfg.acc_rows, cfg.cols)).astype(np.int32)
 
@@ -66,9 +88,10 @@ class Model:
             p = f["param_addr"]
             bias, mult, shift = (self.acc[p + k].astype(np.int64) for k in range(3))
             rows = list(range(f["spad_addr"], f["spad_addr"] + f["n"]))
-            self.spad[rows] = numerics.requantize(
-                self.acc[f["acc_addr"]:f["acc_addr"] + f["n"]], bias, mult, shift,
-                f["zero_point"], f["clamp_min"], f["clamp_max"])
+            with np.errstate(over="ignore"):       # fp32: float32 overflow saturates
+                self.spad[rows] = numerics.requantize(
+                    self.acc[f["acc_addr"]:f["acc_addr"] + f["n"]], bias, mult, shift,
+                    f["zero_point"], f["clamp_min"], f["clamp_max"], f["fp32"])
             return rows
         idx = [(o, i) for o in range(f["n_outer"]) for i in range(f["n_inner"])]
         a = self.spad[[f["a_addr"] + o * f["a_stride_outer"] + i * f["a_stride_inner"]
@@ -90,6 +113,13 @@ def _int8(rng: np.random.Generator) -> int:
     return int(rng.choice([-128, 127, 0, int(rng.integers(-128, 128))]))
 
 
+def _mult(rng: np.random.Generator) -> int:
+    """An ELTWISE multiplier: 0, the maximum, uniform, or of a random bit length."""
+    top = _ELT["a_mult"].hi
+    return int(rng.choice([0, top, int(rng.integers(0, top + 1)),
+                           int(rng.integers(0, 1 << int(rng.integers(1, top.bit_length() + 1))))]))
+
+
 def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Instr:
     """A legal VECTOR or ELTWISE for ``cfg`` (addresses anywhere, often at the memory ends)."""
     for _ in range(1000):
@@ -97,13 +127,15 @@ def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Inst
         lo, hi = sorted((_int8(rng), _int8(rng)))
         if rng.random() < 0.1:
             lo, hi = hi, lo                                         # inverted clamp
-        if rng.random() < 0.4:
+        if rng.random() < 0.5:
             op = Opcode.VECTOR
+            fp32 = int(rng.random() < 0.5)
+            rows = model.f32_rows if fp32 else model.param_rows
             f = dict(acc_addr=int(rng.integers(0, cfg.acc_rows - n + 1)),
                      spad_addr=int(rng.integers(0, cfg.spad_rows - n + 1)),
-                     param_addr=int(rng.choice(model.param_rows)) if rng.random() < 0.7
+                     param_addr=int(rng.choice(rows)) if rng.random() < 0.7
                      else int(rng.integers(0, cfg.acc_rows - VECTOR_PARAM_ROWS + 1)),
-                     n=n, zero_point=_int8(rng), clamp_min=lo, clamp_max=hi)
+                     n=n, zero_point=_int8(rng), clamp_min=lo, clamp_max=hi, fp32=fp32)
         else:
             op = Opcode.ELTWISE
             n_outer = int(rng.choice([1, 1, int(rng.integers(2, 4))]))
@@ -115,12 +147,12 @@ def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Inst
             dst = int(rng.integers(0, cfg.spad_rows - total + 1))
             f = dict(func=int(rng.integers(0, 2)), a_addr=int(rng.integers(0, cfg.spad_rows)),
                      b_addr=int(rng.integers(0, cfg.spad_rows)),
-                     shift=int(rng.choice([0, int(rng.integers(1, 26)), int(rng.integers(26, 64)),
-                                           63])),
+                     shift=int(rng.choice([0, int(rng.integers(1, 26)),
+                                           int(rng.integers(26, _ELT["shift"].hi + 1)),
+                                           _ELT["shift"].hi])),
                      dst=dst, a_stride_outer=so, b_stride_outer=int(rng.integers(0, 8)),
                      n_inner=n_inner, a_stride_inner=si, b_stride_inner=int(rng.integers(0, 3)),
-                     a_mult=int(rng.choice([-32768, 32767, int(rng.integers(-32768, 32768))])),
-                     b_mult=int(rng.choice([-32768, 32767, int(rng.integers(-32768, 32768))])),
+                     a_mult=_mult(rng), b_mult=_mult(rng),
                      n_outer=n_outer, a_zero=_int8(rng), b_zero=_int8(rng),
                      zero_point=_int8(rng), clamp_min=lo, clamp_max=hi)
             if shape in ("inplace_a", "inplace_b"):
@@ -137,14 +169,20 @@ def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Inst
 def _sample_instr(cov: Coverage, ins: Instr, model: Model) -> None:
     f = ins.fields
     if ins.opcode == Opcode.VECTOR:
-        cov.sample(op="VECTOR", n=f["n"])
+        op = "VECTOR fp32" if f["fp32"] else "VECTOR"
+        cov.sample(op=op, n=f["n"])
         p = f["param_addr"]
         bias, mult, shift = (model.acc[p + k].astype(np.int64) for k in range(3))
-        for s in shift.tolist():
-            cov.sample(op="VECTOR", shift=s)
         x = model.acc[f["acc_addr"]:f["acc_addr"] + f["n"]].astype(np.int64) + bias
         if ((x > (1 << 31) - 1) | (x < -(1 << 31))).any():
             cov.sample(params="bias wraps int32")
+        if f["fp32"]:
+            _sample_f32(cov, numerics.wrap_int32(x), mult)
+            if f["clamp_min"] > f["clamp_max"]:
+                cov.sample(result="clamp lo > hi")
+            return
+        for s in shift.tolist():
+            cov.sample(op="VECTOR", shift=s)
         if (mult == -(1 << 31)).any():
             cov.sample(params="mult = INT32_MIN")
         if (mult == (1 << 31) - 1).any():
@@ -154,6 +192,13 @@ def _sample_instr(cov: Coverage, ins: Instr, model: Model) -> None:
     else:
         op = "ELTWISE ADD" if f["func"] == EltFunc.ADD else "ELTWISE MAX"
         cov.sample(op=op, n=f["n_inner"] * f["n_outer"], shift=f["shift"])
+        if f["func"] == EltFunc.ADD:
+            mults, top = (f["a_mult"], f["b_mult"]), _ELT["a_mult"].hi
+            for label, hit in (("shift max", f["shift"] == _ELT["shift"].hi),
+                               ("mult 0", 0 in mults), ("mult max", top in mults),
+                               ("mult top bit set", max(mults) > top >> 1)):
+                if hit:
+                    cov.sample(**{"eltwise add": label})
         if f["n_outer"] > 1:
             cov.sample(**{"eltwise shape": "2-D"})
         if f["a_stride_inner"] == 0 or f["b_stride_inner"] == 0:
@@ -167,6 +212,44 @@ def _sample_instr(cov: Coverage, ins: Instr, model: Model) -> None:
         cov.sample(result="clamp lo > hi")
 
 
+def _sample_f32(cov: Coverage, x: np.ndarray, bits: np.ndarray) -> None:
+    """fp32 bins of one VECTOR: its scales, and its products (float32, as numpy computes)."""
+    exp = (bits >> 23) & 0xFF
+    for label, hit in (("negative", (bits < 0) & (exp != 0) & (exp != 0xFF)),
+                       ("exponent field 0", exp == 0), ("exponent field 255", exp == 0xFF)):
+        if hit.any():
+            cov.sample(**{"fp32 scale": label})
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.abs(x.astype(np.float32) * numerics.f32_scales(bits))
+    if ((p > 0) & (p < 128)).any():
+        cov.sample(**{"fp32 scale": "product in int8 range"})
+    if (p > numerics.F32_PRODUCT_LIMIT).any():
+        cov.sample(**{"fp32 scale": "product beyond 2**15"})
+    if ((p < 256) & (p - np.floor(p) == 0.5)).any():
+        cov.sample(**{"fp32 scale": "product tie"})
+    big = np.abs(x) >= 1 << 24
+    if (big & (x.astype(np.float32).astype(np.int64) != x)).any() and (p[big] < 256).any():
+        cov.sample(**{"fp32 scale": "|x| >= 2**24 rounded"})
+
+
+#: Exponents k of the power-of-two scales 2**-k (and of the accumulators that tie with them).
+TIE_EXP = (23, 27)
+
+
+def _f32_scales(rng: np.random.Generator, cols: int) -> np.ndarray:
+    """A multiplier row of float32 bit patterns: mostly scales that bring a full-range int32
+    near the int8 range (some of them powers of two, so products tie), some negative, some
+    anywhere, some with exponent field 0 or 255."""
+    kind = rng.integers(0, 6, cols)
+    mag = np.where(kind == 1, 2.0 ** -rng.integers(TIE_EXP[0], TIE_EXP[1], cols),
+                   rng.uniform(0.5, 2.0, cols) * 2.0 ** -rng.integers(18, 28, cols))
+    bits = numerics.f32_bits(np.where(rng.random(cols) < 0.3, -mag, mag))
+    bits = np.where(kind == 3, rng.integers(-(1 << 31), 1 << 31, cols), bits)
+    special = (rng.integers(0, 2, cols) * 0xFF) << 23 | rng.integers(0, 1 << 23, cols)
+    bits = np.where(kind == 4, special, bits)
+    return numerics.wrap_int32(bits)
+
+
 def _params(rng: np.random.Generator, model: Model, cfg: NPUConfig) -> None:
     """Make some ACC rows parameter triples with extremes (the rest stay random); VECTOR
     instructions mostly use these (``model.param_rows``)."""
@@ -178,6 +261,19 @@ def _params(rng: np.random.Generator, model: Model, cfg: NPUConfig) -> None:
         model.acc[p + 1] = rng.choice([-(1 << 31), (1 << 31) - 1, 1 << 30,
                                        int(rng.integers(1 << 20, 1 << 31))], cfg.cols)
         model.acc[p + 2] = rng.choice([0, 20, 31, 40, 63, 64 + 35, -1], cfg.cols)
+    # fp32 triples: small biases (the products stay near the int8 range), float32 scales, and a
+    # random shift row (ignored).
+    model.f32_rows = []
+    for _ in range(3):
+        p = int(rng.integers(0, cfg.acc_rows - VECTOR_PARAM_ROWS + 1))
+        model.f32_rows.append(p)
+        model.acc[p] = rng.choice([0, 0, -(1 << 31), int(rng.integers(-1000, 1000))], cfg.cols)
+        model.acc[p + 1] = _f32_scales(rng, cfg.cols)
+        model.acc[p + 2] = rng.integers(-(1 << 31), 1 << 31, cfg.cols)
+    # Accumulator rows that make ties with the power-of-two scales: x = r * 2**k + 2**(k-1).
+    for r in rng.integers(0, cfg.acc_rows, 12).tolist():
+        k = rng.integers(TIE_EXP[0], TIE_EXP[1], cfg.cols)
+        model.acc[r] = numerics.wrap_int32(rng.integers(-128, 128, cfg.cols) << k | 1 << (k - 1))
 
 
 @cocotb.test()
@@ -229,6 +325,9 @@ async def vector_random(dut: Any) -> None:
                 cov.sample(result="saturates high")
             if (out == -128).any():
                 cov.sample(result="saturates low")
+            if ins.opcode == Opcode.ELTWISE and ins.func == EltFunc.ADD and \
+                    np.unique(out).size > 4:     # not everything clamped or rounded to 0
+                cov.sample(**{"eltwise add": "result not saturated"})
             c = s + tm.latency
             plan[s] = (k, ins, rows, c)
             pending.append((k, rows, c))

@@ -39,12 +39,96 @@ def test_round_shift_and_clamp_match_numerics() -> None:
     assert comb_eval(m, cases, [y, z]) == expect
 
 
+def _rne_drop(v: np.ndarray, k: np.ndarray | int) -> np.ndarray:
+    """``v / 2**k`` rounded half to even, for int64 ``v >= 0`` and ``k >= 1``."""
+    k = np.asarray(k, dtype=np.int64)
+    q = v >> k
+    guard = (v >> (k - 1)) & 1
+    sticky = (v & ((np.int64(1) << (k - 1)) - 1)) != 0
+    return q + (guard & (sticky | (q & 1)))
+
+
+def fp32_product_model(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """The integer algorithm of ``requantize_lane``'s fp32 mode, before zero point and clamp:
+    ``rne(clip(f32(f32(x) * scale), +-2**15))`` for int32 ``x`` and binary32 ``bits``, with
+    integers only (the plan the RTL follows, step for step)."""
+    x = np.asarray(x, dtype=np.int64)
+    u = np.asarray(bits, dtype=np.int64) & 0xFFFFFFFF
+    e = (u >> 23) & 0xFF
+    n = np.abs(x)
+    z = np.zeros_like(n)
+    for w in (16, 8, 4, 2, 1):                 # normalise: leading one of |x| to bit 31
+        t = (n >> (32 - w)) == 0
+        n = np.where(t, (n << w) & 0xFFFFFFFF, n)
+        z += t * w
+    mx = _rne_drop(n, 8)                       # f32(|x|) = mx * 2**(z - 8), mx in [2**23, 2**24]
+    prod = mx * ((u & 0x7FFFFF) | (1 << 23))   # in [2**46, 2**48)
+    h = prod >> 47
+    q = _rne_drop(np.where(h == 1, prod, prod << 1), 24)   # f32(product) = q * 2**-d
+    d = z + 119 - h - e
+    mag = np.where(d <= 8, numerics.F32_PRODUCT_LIMIT, _rne_drop(q, np.clip(d, 9, 40)))
+    mag = np.where((n == 0) | (e == 0) | (e == 0xFF), 0, mag)
+    return np.where((x < 0) != (u >> 31 == 1), -mag, mag)
+
+
+def fp32_cases(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, scale bits)`` for the fp32 mode, in five equal parts: uniform words; products near
+    a half-integer of the int8 range (scale = f32((y + 1/2) / x) +- 2 ulp), where each rounding
+    step decides the result; exact ties (``x = odd * 2**(j-1)``, scale ``2**-j``, and x of 25
+    significant bits, a tie of f32(x)); far exponents; special values (exponent field 0, 255,
+    1, 254, x = 0, +-2**31 ...). About half the scales are negative."""
+    k = size // 5
+    x_near = rng.integers(-2**31, 2**31, k) >> rng.integers(0, 31, k)
+    x_near = np.where(x_near == 0, 7, x_near)
+    near = numerics.f32_bits((rng.integers(-128, 128, k) + 0.5) / x_near) + rng.integers(-2, 3, k)
+    j = rng.integers(1, 16, k)
+    odd = np.where(rng.random(k) < 0.5, rng.integers(-2**15, 2**15, k) | 1,
+                   rng.integers(2**24, 2**25, k) | 1)
+    x_special = rng.choice([0, 1, -1, 3, -2**31, 2**31 - 1, 2**24 + 1, -(2**24 + 3), 2**25 + 2,
+                            2**31 - 2**7, 2**31 - 2**7 - 1], size - 4 * k)
+    x = np.concatenate([rng.integers(-2**31, 2**31, k), x_near,
+                        numerics.wrap_int32(odd << (j - 1)),
+                        rng.integers(-2**31, 2**31, k) >> rng.integers(0, 32, k), x_special])
+    e = rng.choice([0, 255, 1, 254, 100, 103, 104, 117, 126, 127, 140, 150], size - 4 * k)
+    mant = np.where(rng.random(size - 4 * k) < 0.5,
+                    rng.choice([0, 1, 0x400000, 0x7FFFFF], size - 4 * k),
+                    rng.integers(0, 1 << 23, size - 4 * k))
+    far = rng.integers(1, 255, k) << 23 | rng.integers(0, 1 << 23, k)
+    bits = np.concatenate([rng.integers(-2**31, 2**31, k), near,
+                           numerics.f32_bits(2.0 ** -j.astype(np.float64)), far, e << 23 | mant])
+    flip = (rng.random(size) < 0.5) & (np.arange(size) >= 2 * k)   # the first two: signed already
+    return x, numerics.wrap_int32(np.where(flip, bits ^ (1 << 31), bits))
+
+
+def test_fp32_integer_model_matches_float32() -> None:
+    """The integer plan against numpy's IEEE float32 arithmetic on millions of inputs: the
+    product before the zero point, and numerics.requantize(fp32=1) with zero point and clamp."""
+    rng = np.random.default_rng(11)
+    ties = 0
+    for k in range(4):
+        x, bits = fp32_cases(rng, 1_000_000)
+        with np.errstate(over="ignore"):
+            p = x.astype(np.float32) * numerics.f32_scales(bits)
+        inside = np.abs(p) < 2**15
+        ties += int((np.abs(p[inside] - np.trunc(p[inside])) == 0.5).sum())
+        expect = np.rint(np.clip(p, -2.0**15, 2.0**15)).astype(np.int64)
+        got = fp32_product_model(x, bits)
+        bad = np.flatnonzero(got != expect)
+        assert bad.size == 0, (x[bad[0]], hex(bits[bad[0]] & 0xFFFFFFFF), got[bad[0]])
+        zp, lo, hi = (int(v) for v in rng.integers(-128, 128, 3)) if k else (0, -128, 127)
+        with np.errstate(over="ignore"):
+            want = numerics.requantize(x, 0, bits, 0, zp, lo, hi, fp32=1)
+        assert np.array_equal(numerics.clamp(got + zp, lo, hi), want)
+    assert ties > 30_000          # the cases do exercise round-half-to-even
+
+
 def test_requantize_lane_matches_numerics() -> None:
     m = Module()
     acc, bias, mult, shift = (Signal(signed(32)) for _ in range(4))
     zp, lo, hi = (Signal(signed(8)) for _ in range(3))
+    fp32 = Signal()
     out = Signal(signed(8))
-    m.d.comb += out.eq(requantize_lane(m, acc, bias, mult, shift, zp, lo, hi))
+    m.d.comb += out.eq(requantize_lane(m, acc, bias, mult, shift, zp, lo, hi, fp32))
     rng = np.random.default_rng(1)
     cases, expect = [], []
     for _ in range(1500):
@@ -53,9 +137,23 @@ def test_requantize_lane_matches_numerics() -> None:
             int(rng.integers(2**30, 2**31))
         sh = int(rng.integers(-2**31, 2**31)) if rng.random() < 0.2 else int(rng.integers(0, 64))
         z, lv, hv = (int(v) for v in rng.integers(-128, 128, 3))
-        cases.append([(acc, a), (bias, b), (mult, mu), (shift, sh), (zp, z), (lo, lv), (hi, hv)])
+        cases.append([(acc, a), (bias, b), (mult, mu), (shift, sh), (zp, z), (lo, lv), (hi, hv),
+                      (fp32, 0)])
         expect.append([int(numerics.requantize(np.int64(a), np.int64(b), np.int64(mu),
                                                np.int64(sh), z, lv, hv))])
+    # fp32 mode: half of the cases with zero point 0 and no clamp, so that every rounding shows.
+    x, bits = fp32_cases(rng, 2500)
+    near = rng.random(x.size) < 0.5
+    for xv, bv, nv in zip(x.tolist(), bits.tolist(), near.tolist()):
+        b = int(rng.integers(-2**31, 2**31)) if rng.random() < 0.2 else 0
+        a = numerics.wrap_int32(xv - b).item()         # acc + bias wraps back to x
+        z, lv, hv = (0, -128, 127) if nv else (int(v) for v in rng.integers(-128, 128, 3))
+        sh = int(rng.integers(-2**31, 2**31))          # ignored
+        cases.append([(acc, a), (bias, b), (mult, bv), (shift, sh), (zp, z), (lo, lv), (hi, hv),
+                      (fp32, 1)])
+        with np.errstate(over="ignore"):
+            expect.append([int(numerics.requantize(np.int64(a), np.int64(b), np.int64(bv),
+                                                   np.int64(sh), z, lv, hv, fp32=1))])
     assert comb_eval(m, cases, [out]) == expect
 
 
@@ -69,10 +167,13 @@ def test_eltwise_lane_matches_numerics(func: int) -> None:
     m.d.comb += out.eq(eltwise_lane(m, a, b, f))
     rng = np.random.default_rng(2 + func)
     cases, expect = [], []
+    # Stimuli over the fields' ranges (unsigned multipliers, 0 and the maximum included).
+    mult_max, shift_max = (1 << len(f.a_mult)) - 1, (1 << len(f.shift)) - 1
     for _ in range(600):
-        fv = {"func": func, "shift": int(rng.integers(0, 64)),
-              "a_mult": int(rng.integers(-2**15, 2**15)),
-              "b_mult": int(rng.integers(-2**15, 2**15))}
+        fv = {"func": func, "shift": int(rng.integers(0, shift_max + 1)),
+              **{k: int(rng.choice([0, mult_max, rng.integers(0, mult_max + 1),
+                                    rng.integers(0, 1 << int(rng.integers(1, len(f.a_mult) + 1)))]))
+                 for k in ("a_mult", "b_mult")}}
         for k in ("a_zero", "b_zero", "zero_point", "clamp_min", "clamp_max"):
             fv[k] = int(rng.integers(-128, 128))
         av, bv = (int(v) for v in rng.integers(-128, 128, 2))

@@ -221,15 +221,25 @@ def test_vector_unit_requantize_and_eltwise() -> None:
     acc[0] = rng.integers(-1000, 1000, c)                         # bias
     acc[1] = rng.integers(2**30, 2**31, c)                        # multiplier
     acc[2] = [0, 1, 31, 36][:c] + [20] * (c - 4)                  # shift (0: no rounding)
+    # fp32 parameters at 13..15 (the shift row is ignored): float32 scales putting the products
+    # around the int8 range, one negative, one with exponent field 255 (scale 0).
+    scales = rng.uniform(0.5, 1.5, c) * 2.0**-14
+    scales[0] = -scales[0]
+    acc[14] = numerics.f32_bits(scales)
+    acc[14, -1] = 0x7F800000 | int(rng.integers(0, 1 << 23))
+    acc[15] = rng.integers(-2**31, 2**31, c)
     unit = VectorUnit(cfg)
     bench = UnitBench(cfg, unit, {"acc_r": ("acc", "r"), "spad_ra": ("spad", "r"),
                                   "spad_rb": ("spad", "r"), "spad_w": ("spad", "w")})
     vec = Instr(Opcode.VECTOR, 0, 0, dict(acc_addr=5, spad_addr=8, param_addr=0, n=4,
                                           zero_point=3, clamp_min=-100, clamp_max=90))
+    vec_f = Instr(Opcode.VECTOR, 0, 0, dict(acc_addr=16, spad_addr=12, param_addr=13, n=5,
+                                            zero_point=-5, clamp_min=-128, clamp_max=127,
+                                            fp32=1))
     add = Instr(Opcode.ELTWISE, 0, 0, dict(
-        func=0, a_addr=20, b_addr=40, shift=3, dst=20, a_stride_outer=3, b_stride_outer=5,
-        n_inner=3, a_stride_inner=1, b_stride_inner=2, a_mult=300, b_mult=-77, n_outer=2,
-        a_zero=4, b_zero=-9, zero_point=-2, clamp_min=-128, clamp_max=127))
+        func=0, a_addr=20, b_addr=40, shift=24, dst=20, a_stride_outer=3, b_stride_outer=5,
+        n_inner=3, a_stride_inner=1, b_stride_inner=2, a_mult=6_000_001, b_mult=2**23 - 1,
+        n_outer=2, a_zero=4, b_zero=-9, zero_point=-2, clamp_min=-128, clamp_max=127))
     mx = Instr(Opcode.ELTWISE, 0, 0, dict(
         func=1, a_addr=50, b_addr=55, shift=0, dst=60, a_stride_outer=0, b_stride_outer=0,
         n_inner=2, a_stride_inner=1, b_stride_inner=1, a_mult=0, b_mult=0, n_outer=1,
@@ -239,7 +249,7 @@ def test_vector_unit_requantize_and_eltwise() -> None:
     async def test(ctx):
         write_rows(ctx, bench.spad, spad)
         write_rows(ctx, bench.acc, acc)
-        await run_back_to_back(ctx, cfg, [(unit.start, i, 0) for i in (vec, add, mx)],
+        await run_back_to_back(ctx, cfg, [(unit.start, i, 0) for i in (vec, vec_f, add, mx)],
                                [unit.busy])
         out["spad"] = read_rows(ctx, bench.spad, "<i1")
 
@@ -247,9 +257,15 @@ def test_vector_unit_requantize_and_eltwise() -> None:
     exp = spad.copy()
     bias, mult, shift = (acc[k].astype(np.int64) for k in range(VECTOR_PARAM_ROWS))
     exp[8:12] = numerics.requantize(acc[5:9], bias, mult, shift, 3, -100, 90)
+    # fp32 mode against numpy's float32 arithmetic directly.
+    p = (acc[16:21].astype(np.int64) + acc[13]).astype(np.float32) * scales.astype(np.float32)
+    p[:, -1] = 0
+    exp[12:17] = np.clip(np.rint(p) - 5, -128, 127)
+    assert np.unique(exp[12:17]).size > 8           # not all saturated
     a_rows = [20 + o * 3 + i for o in range(2) for i in range(3)]
     b_rows = [40 + o * 5 + i * 2 for o in range(2) for i in range(3)]
-    exp[20:26] = numerics.eltwise_add(spad[a_rows], spad[b_rows], 4, -9, 300, -77, 3, -2,
-                                      -128, 127)
+    exp[20:26] = numerics.eltwise_add(spad[a_rows], spad[b_rows], 4, -9, 6_000_001, 2**23 - 1,
+                                      24, -2, -128, 127)
+    assert np.unique(exp[20:26]).size > 8           # 23-bit multipliers, not all saturated
     exp[60:62] = numerics.eltwise_max(spad[50:52], spad[55:57], 0, 100)
     assert np.array_equal(out["spad"], exp)

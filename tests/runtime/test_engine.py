@@ -58,6 +58,10 @@ def _memories(cfg, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Small VECTOR parameters in some rows, so requantization is not always saturated.
     acc[1::7, :] = rng.integers(0, 1 << 16, (len(acc[1::7]), cfg.cols))
     acc[2::7, :] = rng.integers(0, 40, (len(acc[2::7]), cfg.cols))
+    # ... and float32 scales (for fp32=1) after small biases in others.
+    acc[4::7, :] = rng.integers(-2000, 2001, (len(acc[4::7]), cfg.cols))
+    acc[5::7, :] = rng.uniform(2.0 ** -20, 2.0 ** -2, (len(acc[5::7]), cfg.cols)).astype(
+        np.float32).view(np.int32)
     return dram, spad, acc
 
 

@@ -314,8 +314,8 @@ def test_eltwise_add_and_max_with_strides_and_in_place() -> None:
     b = _builder_with(dram)
     b.load(dram_addr=0, dram_stride_inner=4, dst=0, n_inner=48, row_bytes=4, signal="VX")
     b.eltwise(func=0, a_addr=0, a_stride_inner=2, a_stride_outer=5, b_addr=20, n_inner=3,
-              n_outer=2, b_stride_outer=3, dst=40, a_zero=3, b_zero=-4, a_mult=300,
-              b_mult=-150, shift=7, zero_point=2, clamp_min=-60, clamp_max=100, wait="LD")
+              n_outer=2, b_stride_outer=3, dst=40, a_zero=3, b_zero=-4, a_mult=5_000_001,
+              b_mult=(1 << 23) - 1, shift=26, zero_point=2, clamp_min=-60, clamp_max=100, wait="LD")
     b.eltwise(func=1, a_addr=30, b_addr=33, n_inner=3, dst=30, clamp_min=-10, clamp_max=127)
     r = run_reference(b.build())
     sp = dram[:192].view(np.int8).reshape(48, 4).astype(int)
@@ -324,8 +324,8 @@ def test_eltwise_add_and_max_with_strides_and_in_place() -> None:
         for i in range(3):
             a, bb = sp[o * 5 + i * 2], sp[20 + o * 3 + i]
             for lane in range(4):
-                t = (a[lane] - 3) * 300 + (bb[lane] + 4) * -150
-                assert r.spad[40 + k, lane] == _sat(_rne_shift(t, 7) + 2, -60, 100)
+                t = (a[lane] - 3) * 5_000_001 + (bb[lane] + 4) * ((1 << 23) - 1)
+                assert r.spad[40 + k, lane] == _sat(_rne_shift(t, 26) + 2, -60, 100)
             k += 1
     for i in range(3):       # in place: dst coincides with A
         assert list(r.spad[30 + i]) == [_sat(max(x, y), -10, 127)
