@@ -7,10 +7,14 @@ Steps (each a small function, all run by :func:`prepare_model`):
 2. :func:`bind_static_shapes`: every graph input gets a static shape (a dynamic batch is bound
    by ``batch=``, anything else dynamic is a :class:`CompileError` naming the input);
 3. :func:`remove_identities`: Identity and inference-mode Dropout disappear;
+   :func:`densify_sparse`: ``Constant`` nodes with a ``sparse_value`` and the graph's
+   ``sparse_initializer`` become dense initializers (large GNN adjacencies are stored sparse);
 4. :func:`fold_constants`: initializer-only subgraphs (``ConstantOfShape`` weights, ``Shape`` of
    a static tensor, ...) are evaluated with ``onnx.reference.ReferenceEvaluator`` and become
    initializers; Quantize/DequantizeLinear are never folded (the compiler reads them);
 5. :func:`fold_batchnorm`: a BatchNormalization after a Conv is folded into its weights;
+   :func:`batchnorm_to_depthwise`: any other one (and the per-channel Mul/Add after it)
+   becomes a 1x1 depthwise Conv;
 6. :func:`infer_shapes`: ONNX shape inference (strict), then every node output must have a
    static shape;
 7. :func:`normalize_gemm_bias`: row-broadcast Gemm biases become plain vectors.
@@ -33,7 +37,8 @@ from npu.compiler.errors import CompileError
 __all__ = ["MIN_OPSET", "MAX_OPSET", "ModelSource", "load_model", "check_opsets",
            "bind_static_shapes", "remove_identities", "fold_constants", "fold_batchnorm",
            "infer_shapes", "normalize_gemm_bias", "prepare_model", "constants", "value_shapes",
-           "node_label", "graph_inputs"]
+           "node_label", "graph_inputs", "densify_sparse", "sparse_to_dense",
+           "batchnorm_to_depthwise"]
 
 #: Oldest default-domain opset accepted (the model-zoo light models are opset 9).
 MIN_OPSET = 9
@@ -183,6 +188,73 @@ def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
             _rename_uses(graph, y, x)
     del graph.node[:]
     graph.node.extend(keep)
+    return model
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a COO ``SparseTensorProto``.
+
+    ``indices`` are either ``[NNZ]`` linear indices into the row-major dense tensor or
+    ``[NNZ, rank]`` coordinates (the two forms the ONNX spec allows); duplicates are an error.
+    """
+    shape = tuple(int(d) for d in sparse.dims)
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    dense = np.zeros(shape, dtype=values.dtype)
+    if not sparse.HasField("indices") or values.size == 0:
+        if values.size:
+            raise CompileError(f"sparse tensor {sparse.values.name!r} has values but no indices")
+        return dense
+    idx = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    size = int(np.prod(shape, dtype=np.int64))
+    if idx.ndim == 1:
+        flat = idx
+    elif idx.ndim == 2 and idx.shape[1] == len(shape):
+        bad = (idx < 0) | (idx >= np.array(shape, dtype=np.int64))
+        if bad.any():
+            raise CompileError(f"sparse tensor {sparse.values.name!r}: index out of range "
+                               f"for shape {shape}")
+        flat = np.ravel_multi_index(tuple(idx.T), shape) if idx.size else idx.reshape(-1)
+    else:
+        raise CompileError(f"sparse tensor {sparse.values.name!r}: indices of shape "
+                           f"{idx.shape} (expected [{values.size}] or [{values.size}, "
+                           f"{len(shape)}])")
+    if len(flat) != values.size:
+        raise CompileError(f"sparse tensor {sparse.values.name!r}: {len(flat)} indices for "
+                           f"{values.size} values")
+    if flat.size and (flat.min() < 0 or flat.max() >= size):
+        raise CompileError(f"sparse tensor {sparse.values.name!r}: index out of range for "
+                           f"shape {shape}")
+    if np.unique(flat).size != flat.size:
+        raise CompileError(f"sparse tensor {sparse.values.name!r} repeats an index")
+    dense.reshape(-1)[flat] = values
+    return dense
+
+
+def densify_sparse(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Sparse constants become dense initializers, in place.
+
+    ``Constant`` nodes with a ``sparse_value`` attribute (onnx.reference cannot fold them) and
+    the graph's ``sparse_initializer`` entries: the NPU holds weights dense (all-zero weight
+    tiles are skipped at tiling, see :mod:`npu.compiler.passes.families`).
+    """
+    g = model.graph
+    keep = []
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            sv = [a for a in node.attribute if a.name == "sparse_value"]
+            if sv:
+                g.initializer.append(numpy_helper.from_array(
+                    sparse_to_dense(sv[0].sparse_tensor), node.output[0]))
+                continue
+        keep.append(node)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+    if len(g.sparse_initializer):
+        for sparse in g.sparse_initializer:
+            g.initializer.append(numpy_helper.from_array(sparse_to_dense(sparse),
+                                                         sparse.values.name))
+        del g.sparse_initializer[:]
     return model
 
 
@@ -346,6 +418,83 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _per_channel(value: np.ndarray, c: int, rank: int) -> np.ndarray | None:
+    """``value`` as C per-channel factors of an N C ... tensor of ``rank``, or None when it
+    broadcasts differently."""
+    a = np.asarray(value, dtype=np.float64)
+    if a.size == 1:
+        return np.full(c, float(a.reshape(())))
+    shape = a.shape
+    while len(shape) > rank - 1 and shape[0] == 1:
+        shape = shape[1:]
+    if shape == (c,) + (1,) * (rank - 2):
+        return a.reshape(c)
+    return None
+
+
+def batchnorm_to_depthwise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An inference BatchNormalization that :func:`fold_batchnorm` could not fold (DenseNet's
+    pre-activation BN after a Concat), with the per-channel Mul/Add constants that follow it,
+    becomes one 1x1 depthwise Conv, in place.
+
+    onnxruntime then quantizes it like any depthwise convolution and the NPU runs it (instead
+    of a float BatchNormalization, Mul and Add on the host with Q/DQ borders around each).
+    """
+    graph = model.graph
+    inits = constants(graph)
+    shapes = value_shapes(model)
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop: set[str] = set()         # first outputs of absorbed Mul/Add nodes
+    replace: dict[str, onnx.NodeProto] = {}
+    new_inits: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1 \
+                or node.output[0] in drop:
+            continue
+        shape = shapes.get(node.input[0])
+        if shape is None or len(shape) not in (3, 4) or \
+                not all(i in inits for i in node.input[1:5]):
+            continue
+        c = shape[1]
+        scale, bias, mean, var = (inits[i].astype(np.float64).reshape(-1)
+                                  for i in node.input[1:5])
+        mul = scale / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
+        add = bias - mean * mul
+        out = node.output[0]
+        while out not in outputs and len(users.get(out, [])) == 1:
+            nxt = users[out][0]
+            if nxt.op_type not in ("Mul", "Add") or len(nxt.input) != 2:
+                break
+            other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+            k = _per_channel(inits[other], c, len(shape)) if other in inits else None
+            if k is None or other == out:
+                break
+            if nxt.op_type == "Mul":
+                mul, add = mul * k, add * k
+            else:
+                add = add + k
+            drop.add(nxt.output[0])
+            out = nxt.output[0]
+        w_name, b_name = f"{node.input[1]}__depthwise", f"{node.input[1]}__depthwise_bias"
+        new_inits[w_name] = mul.reshape(c, 1, *([1] * (len(shape) - 2))).astype(np.float32)
+        new_inits[b_name] = add.astype(np.float32)
+        replace[node.output[0]] = helper.make_node(
+            "Conv", [node.input[0], w_name, b_name], [out], name=node.name or out,
+            group=c, kernel_shape=[1] * (len(shape) - 2))
+    if replace:
+        keep = [replace.get(n.output[0], n) for n in graph.node
+                if not (n.output and n.output[0] in drop)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new_inits.items())
+        _drop_unused_initializers(model)
+    return model
+
+
 def normalize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every Gemm with a constant bias that broadcasts along the rows (shape [], [1],
     [N] or [1, N]) a plain [N] bias, in place: the same values, the shape onnxruntime's
@@ -426,9 +575,11 @@ def prepare_model(source: ModelSource, batch: int | None = None) -> onnx.ModelPr
         model.ir_version = 4
     bind_static_shapes(model, batch)
     remove_identities(model)
+    densify_sparse(model)
     model = infer_shapes(model, require_static=False)
     fold_constants(model)
     fold_batchnorm(model)
+    batchnorm_to_depthwise(model)
     model = infer_shapes(model)
     normalize_gemm_bias(model)
     return model

@@ -5,8 +5,10 @@
     frontend.prepare_model      load, check, static shapes, fold constants/BatchNorm
     quantize.quantize_model     onnxruntime quantize_static (unless already QDQ)
     passes.legalize             QDQ ONNX -> IR (NPU nodes, host nodes)
+    passes.mlp.split_k          concats read only by matmuls -> split-K matmuls (no copy)
     passes.fuse                 residual adds, Relu/Clip, concat views into epilogues
     passes.layout               NHWC on the NPU; reshapes as aliases or weight permutations
+    passes.mlp.fuse_siblings    matmuls reading the same input -> one matmul, sliced outputs
     passes.partition            segments; strict mode
     passes.tile                 tiles, K groups, weight residency (from NPUConfig)
     passes.schedule             on-chip buffers per node
@@ -32,6 +34,8 @@ from npu.compiler.ir import Graph, dump
 from npu.compiler.passes import allocate, emit, fuse, layout, legalize, partition, schedule, tile
 from npu.compiler.passes.families import lower as lower_families
 from npu.compiler.passes.families import sparse_blocks
+from npu.compiler.passes.mlp import describe as describe_lowering
+from npu.compiler.passes.mlp import fuse_siblings, split_k
 from npu.compiler.passes.partition import is_border_conversion, placement_report
 from npu.compiler.quantize import Calibration, is_qdq, quantize_model
 from npu.isa import NPUConfig, get_config
@@ -42,8 +46,10 @@ __all__ = ["CompiledModel", "compile_model", "PASSES"]
 #: IR passes in order: (name, function(graph, config, options) -> graph).
 PASSES: list[tuple[str, Callable[[Graph, NPUConfig, dict[str, Any]], Graph]]] = [
     ("families", lambda g, c, o: lower_families(g)),
+    ("split_k", lambda g, c, o: split_k(g)),
     ("fuse", lambda g, c, o: fuse.fuse(g)),
     ("layout", lambda g, c, o: layout.layout(g)),
+    ("siblings", lambda g, c, o: fuse_siblings(g, c.cols)),
     ("partition", lambda g, c, o: partition.partition(g, strict=o.get("strict", False),
                                                      observe=o.get("observe", ()))),
     ("tile", lambda g, c, o: tile.tile(g, c)),
@@ -80,7 +86,8 @@ class CompiledModel:
                 node = g.node(name)
                 layers.append({"name": name, "op": node.op, "onnx": node.onnx_op,
                                "plan": str(node.plan) if node.plan is not None else "",
-                               "skipped_blocks": sparse_blocks(node)})
+                               "skipped_blocks": sparse_blocks(node),
+                               "lowering": describe_lowering(node)})
             segs.append({"index": seg.index, "inputs": seg.inputs, "outputs": seg.outputs,
                          "instructions": prog.n_instructions if prog else 0,
                          "dram_bytes": seg.stats.get("dram_bytes", 0),
@@ -108,6 +115,8 @@ class CompiledModel:
                     skip = layer.get("skipped_blocks")
                     note = f"; skipped {skip[0]}/{skip[1]} all-zero weight blocks" \
                         if skip and skip[0] else ""
+                    if layer.get("lowering"):
+                        note += f"; {layer['lowering']}"
                     lines.append(f"  {layer['name'][:36]:36s} {layer['plan']}{note}")
         lines.append("compile time: " + ", ".join(f"{k} {v:.2f}s"
                                                   for k, v in rep["timings"].items()))

@@ -159,6 +159,25 @@ def quantize_model(model: onnx.ModelProto, calibration: Calibration | None,
         root.setLevel(level)
 
 
+def _const_left_overrides(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Symmetric quantization for the constant *left* operand of a Gemm (``A @ X + b`` with
+    ``A`` constant, e.g. GCN's normalized adjacency after ORT fuses MatMul+Add).
+
+    onnxruntime quantizes a Gemm's input A as an activation: asymmetric, and a non-negative
+    adjacency gets zero point -128, whose correction ``128 * sum_k x[k, f]`` depends on the
+    data per output row of the NPU's transposed product. Symmetric (zero point 0) it folds
+    like any weight (:mod:`npu.compiler.passes.families`); onnxruntime then runs the same
+    QDQ model, so the int8 results still match it.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) > 1 and node.input[0] in inits \
+                and node.input[1] not in inits:
+            out[node.input[0]] = [{"symmetric": True}]
+    return out
+
+
 def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
               preprocess: bool, op_types: list[str] | None = None) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -177,6 +196,7 @@ def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
                 pre = src
         else:
             pre = src
+        overrides = _const_left_overrides(onnx.load(str(pre)) if pre != src else model)
         try:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QInt8,
@@ -188,7 +208,8 @@ def _quantize(model: onnx.ModelProto, reader: Any, per_channel: bool,
                                            # Pools and reshapes after a float-only chain
                                            # (e.g. Sum -> Relu) are quantized too, so the
                                            # whole chain stays int8 on the NPU.
-                                           "ForceQuantizeNoInputCheck": True})
+                                           "ForceQuantizeNoInputCheck": True,
+                                           "TensorQuantOverrides": overrides})
         except CompileError:
             raise
         except Exception as exc:

@@ -12,6 +12,7 @@ tensors in ONNX layout, as in the session.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from npu import numerics
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import CHANNEL_LAST, Graph, Node, Step, Tensor, geometry
-from npu.compiler.qmath import multipliers
+from npu.compiler.qmath import pool_scale, requant_params
 
 __all__ = ["run_graph", "eval_node", "to_nhwc", "from_nhwc"]
 
@@ -65,6 +66,16 @@ def _windows(x: np.ndarray, a: dict[str, Any], fill: int, oh: int, ow: int):
 
 def _conv(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
     a = node.attrs
+    acc = _conv_acc(node, graph, x, out_shape)
+    lo, hi = a.get("clamp", (-128, 127))
+    return numerics.requantize(acc, a["bias"], a["mult"], a["shift"], a["zero_point"], lo,
+                               hi, fp32=int(a.get("fp32", 0))).astype(np.int64)
+
+
+def _conv_acc(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]
+              ) -> np.ndarray:
+    """The exact integer sums of a conv node (before bias and requantization)."""
+    a = node.attrs
     _, oh, ow, cout = out_shape
     zx = graph.tensors[node.inputs[0]].quant.zero_point
     w = a["weight"].astype(np.float64)            # [Cout, Cin/g, KH, KW]
@@ -76,10 +87,35 @@ def _conv(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]) -
         for gi in range(g):
             acc[..., gi * cog:(gi + 1) * cog] += \
                 patch[..., gi * cig:(gi + 1) * cig] @ w[gi * cog:(gi + 1) * cog, :, ky, kx].T
-    acc = np.rint(acc).astype(np.int64)
-    lo, hi = a.get("clamp", (-128, 127))
-    return numerics.requantize(acc, a["bias"], a["mult"], a["shift"], a["zero_point"], lo,
-                               hi).astype(np.int64)
+    out = np.rint(acc).astype(np.int64)
+    if a.get("row_bias") is not None:   # per output pixel (families: constant-left Gemm)
+        out += np.asarray(a["row_bias"], np.int64).reshape(1, oh, ow, 1)
+    return out
+
+
+def _multi_conv(node: Node, graph: Graph, env: Mapping[str, np.ndarray]
+                ) -> dict[str, np.ndarray]:
+    """A conv node with several inputs (split-K: their channels concatenated) and/or several
+    outputs (fused siblings: column slices, each with its own requantization and steps)."""
+    from npu.compiler.passes.mlp import out_parts
+
+    x = np.concatenate([env[i] for i in node.inputs], axis=-1)
+    a = node.attrs
+    n, h, w, _ = geometry(graph.tensors[node.outputs[0]])
+    cout = int(a["weight"].shape[0])
+    acc = _conv_acc(node, graph, x, (n, h, w, cout))
+    out: dict[str, np.ndarray] = {}
+    for o, part in zip(node.outputs, out_parts(node)):
+        sl = slice(part["offset"], part["offset"] + part["channels"])
+        lo, hi = part["clamp"]
+        bias = np.broadcast_to(np.asarray(a["bias"]).reshape(-1), (cout,))[sl]
+        mult = np.broadcast_to(np.asarray(a["mult"]).reshape(-1), (cout,))[sl]
+        shift = np.broadcast_to(np.asarray(a["shift"]).reshape(-1), (cout,))[sl]
+        y = numerics.requantize(acc[..., sl], bias, mult, shift, part["zero_point"], lo,
+                                hi, fp32=int(a.get("fp32", 0))).astype(np.int64)
+        shape = geometry(graph.tensors[o])
+        out[o] = _steps(y, part["epilogue"], env).reshape(shape)
+    return out
 
 
 def _avgpool(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
@@ -89,6 +125,9 @@ def _avgpool(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]
     _, oh, ow, c = out_shape
     xq = graph.tensors[node.inputs[0]].quant
     yq = graph.tensors[node.outputs[0]].quant
+    # The pool's own output quantization (fuse may have redirected it to a concat's tensor).
+    yq = dataclasses.replace(yq, scale=a.get("out_scale", yq.scale),
+                             zero_point=a.get("zero_point", yq.zero_point))
     acc = np.zeros((x.shape[0], oh, ow, c), dtype=np.int64)
     for _, _, patch in _windows(x.astype(np.int64), a, xq.zero_point, oh, ow):
         acc += patch
@@ -107,12 +146,11 @@ def _avgpool(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...]
     divs = avg_divisors(p, a.get("count_include_pad", 0))   # type: ignore[arg-type]
     out = np.zeros_like(acc)
     lo, hi = a.get("clamp", (-128, 127))
-    for d in np.unique(divs):
-        scale = np.float32(xq.scale) / (np.float32(yq.scale) * np.float32(d))
-        mult, shift = multipliers(np.array([scale], np.float32), node.name)
+    for d in np.unique(divs):   # onnxruntime's float32 requantization (VECTOR fp32 mode)
+        mult, shift = requant_params(np.array([pool_scale(xq.scale, yq.scale, d)]), node.name)
         sel = divs == d
         out[:, sel] = numerics.requantize(acc[:, sel], 0, mult[0], shift[0], yq.zero_point, lo,
-                                          hi)
+                                          hi, fp32=1)
     return out
 
 
@@ -129,6 +167,8 @@ def eval_node(graph: Graph, node: Node, env: dict[str, np.ndarray]) -> dict[str,
     out_t = graph.tensors[node.outputs[0]]
     shape = geometry(out_t)
     steps = node.attrs.get("epilogue", [])
+    if node.op == "conv" and (len(node.inputs) > 1 or len(node.outputs) > 1):
+        return _multi_conv(node, graph, env)
     if node.op == "conv":
         y = _conv(node, graph, env[node.inputs[0]], shape)
     elif node.op == "avgpool":

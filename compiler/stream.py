@@ -209,10 +209,12 @@ class Stream:
         return idx
 
     def vector(self, *, acc_addr: int, spad_addr: int, param_addr: int, n: int,
-               zero_point: int, clamp_min: int = -128, clamp_max: int = 127) -> int:
-        """VECTOR (ACC rows -> requantized SPAD rows)."""
+               zero_point: int, clamp_min: int = -128, clamp_max: int = 127,
+               fp32: int = 0) -> int:
+        """VECTOR (ACC rows -> requantized SPAD rows); ``fp32``: float32 scales in the
+        multiplier row (onnxruntime's requantization, see :func:`npu.numerics.requantize`)."""
         idx, deps = self._add(_VECTOR, VX, (acc_addr, spad_addr, param_addr, n, zero_point,
-                                            clamp_min, clamp_max))
+                                            clamp_min, clamp_max, fp32))
         self.acc.read(acc_addr, acc_addr + n, VX, idx, deps)
         self.acc.read(param_addr, param_addr + 3, VX, idx, deps)
         self.spad.write(spad_addr, spad_addr + n, VX, idx, deps)
@@ -345,7 +347,7 @@ class Stream:
             layout = LAYOUTS[opc]
             cols: dict[str, np.ndarray] = {"opcode": np.full(len(sel), int(op), np.int64),
                                            "wait": waits[sel], "signal": signals[sel]}
-            body = _BODY[opc]
+            body = _ORDER.get(int(op), _BODY[opc])
             if body:
                 mat = np.array([self.fields[i] for i in sel.tolist()], dtype=np.int64)
                 for j, k in enumerate(body):
@@ -374,6 +376,8 @@ class Stream:
 _LOAD, _GATHER, _PRELOAD, _MATMUL, _VECTOR, _ELTWISE, _STORE = (
     int(o) for o in (Opcode.LOAD, Opcode.GATHER, Opcode.PRELOAD, Opcode.MATMUL, Opcode.VECTOR,
                      Opcode.ELTWISE, Opcode.STORE))
+#: Field names of each opcode in the order its Stream method builds them.
+_ORDER: dict[int, tuple[str, ...]] = {}
 for _op, _names in ((Opcode.LOAD, ("dram_addr", "dram_stride_outer", "dram_stride_inner", "dst",
                                    "dst_stride_outer", "n_inner", "n_outer", "row_bytes", "mem",
                                    "fill", "fill_value")),
@@ -383,7 +387,7 @@ for _op, _names in ((Opcode.LOAD, ("dram_addr", "dram_stride_outer", "dram_strid
                     (Opcode.MATMUL, ("spad_addr", "spad_stride_outer", "spad_stride_inner",
                                      "acc_addr", "n_inner", "n_outer", "accumulate", "swap")),
                     (Opcode.VECTOR, ("acc_addr", "spad_addr", "param_addr", "n", "zero_point",
-                                     "clamp_min", "clamp_max")),
+                                     "clamp_min", "clamp_max", "fp32")),
                     (Opcode.ELTWISE, ("func", "a_addr", "b_addr", "shift", "dst",
                                       "a_stride_outer", "b_stride_outer", "n_inner",
                                       "a_stride_inner", "b_stride_inner", "a_mult", "b_mult",
@@ -391,6 +395,8 @@ for _op, _names in ((Opcode.LOAD, ("dram_addr", "dram_stride_outer", "dram_strid
                                       "clamp_max")),
                     (Opcode.STORE, ("dram_addr", "dram_stride_outer", "dram_stride_inner", "src",
                                     "src_stride_outer", "n_inner", "n_outer", "row_bytes", "mem"))):
-    # The tuples above are built in this order: fail at import if the ISA's layout changes.
-    assert _BODY[_op] == _names, (_op, _BODY[_op])
+    # The instruction methods build their field tuples in this order (encode() places each
+    # field by name, so the ISA may reorder them); fail at import if a field is added/removed.
+    assert set(_BODY[_op]) == set(_names), (_op, _BODY[_op])
+    _ORDER[int(_op)] = _names
     assert OPCODE_ENGINE[_op] is not None

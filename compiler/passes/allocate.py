@@ -100,6 +100,11 @@ def allocate(graph: Graph, config: NPUConfig) -> Graph:
                     touch(t, i)
             for t in node.outputs:
                 touch(t, i)
+            ride = node.attrs.get("ride_with")
+            if ride in order:   # runs beside that later node (see passes.mlp): inputs live on
+                for t in node.inputs:
+                    if t in graph.tensors and not graph.tensors[t].is_const:
+                        touch(t, order[ride])
         for t in seg.outputs:
             touch(t, end_of_seg)
         # Static (padded) tensors first, right after the constants.

@@ -37,7 +37,7 @@ from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, Placement, Segment, Tensor, geometry
 from npu.compiler.passes.schedule import Buffers, align, avg_divisors
 from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan, ReorderPlan
-from npu.compiler.qmath import multipliers
+from npu.compiler.qmath import pool_scale, requant_params
 from npu.compiler.stream import Stream
 from npu.isa import EltFunc, NPUConfig
 from npu.numerics import INT8_MIN
@@ -62,9 +62,10 @@ def _conv_params(node: Node, plan: ConvPlan, graph: Graph, cfg: NPUConfig) -> np
         y = graph.tensors[node.outputs[0]]
         divs = np.unique(avg_divisors(plan, node.attrs.get("count_include_pad", 0)))
         out = np.zeros((len(divs), 3, r), dtype=np.int64)
-        for i, d in enumerate(divs):
-            scale = np.float32(x.quant.scale) / (np.float32(y.quant.scale) * np.float32(d))
-            mult, shift = multipliers(np.array([scale], np.float32), node.name)
+        for i, d in enumerate(divs):   # VECTOR fp32 mode, as onnxruntime requantizes
+            ys = node.attrs.get("out_scale", y.quant.scale)   # before any fusion
+            mult, shift = requant_params(np.array([pool_scale(x.quant.scale, ys, d)]),
+                                         node.name)
             out[i, 0] = -plan.kh * plan.kw * x.quant.zero_point
             out[i, 1] = mult[0]
             out[i, 2] = shift[0]
@@ -84,8 +85,14 @@ def node_constants(node: Node, graph: Graph, cfg: NPUConfig) -> dict[str, bytes]
     if isinstance(plan, ConvPlan):
         tiles = plan.tiles if plan.tiles is not None and len(plan.tiles) else \
             np.zeros((1, cfg.rows, cfg.cols), np.int8)
-        return {"w": tiles.astype(np.int8).tobytes(),
-                "par": _conv_params(node, plan, graph, cfg).astype("<i4").tobytes()}
+        out = {"w": tiles.astype(np.int8).tobytes(),
+               "par": _conv_params(node, plan, graph, cfg).astype("<i4").tobytes()}
+        rb = node.attrs.get("row_bias")
+        if rb is not None:   # per output pixel, every lane (families: constant-left Gemm)
+            rows = np.broadcast_to(np.asarray(rb, np.int64).reshape(-1, 1),
+                                   (plan.oh * plan.ow, cfg.cols))
+            out["rb"] = np.ascontiguousarray(rows, dtype="<i4").tobytes()
+        return out
     if isinstance(plan, GatherPlan):
         out = {}
         table = graph.tensors[node.inputs[0]]
@@ -235,14 +242,39 @@ class _ConvLayer(_Layer):
         self.w_dram = consts["w"][0]
         self.par_dram = consts["par"][0]
         self.par_rows = len(consts["par"][1]) // (4 * cfg.cols)
+        self.rb_dram = consts["rb"][0] if "rb" in consts else None
         self.x = _View(graph.tensors[node.inputs[0]])
+        # Split-K (see mlp): K chunk j of the block reads input part (view, j - first chunk).
+        self.x_parts: list[tuple[_View, int]] = [(self.x, 0)]
+        if "k_parts" in node.attrs:
+            if plan.mode != "rows":
+                raise CompileError("internal: split-K matmul not in rows mode", node.name,
+                                   node.onnx_op)
+            self.x_parts, j0 = [], 0
+            for t in node.inputs:
+                v = _View(graph.tensors[t])
+                self.x_parts.append((v, j0))
+                j0 += -(-v.c // cfg.rows)
         self.y = _View(graph.tensors[node.outputs[0]])
         self.zx = graph.tensors[node.inputs[0]].quant.zero_point
         self.steps = node.attrs.get("epilogue", [])
         self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
         self.zp = node.attrs["zero_point"] if plan.kind != "avgpool" else \
-            graph.tensors[node.outputs[0]].quant.zero_point
+            node.attrs.get("zero_point", graph.tensors[node.outputs[0]].quant.zero_point)
         self.clamp = node.attrs.get("clamp", (-128, 127))
+        self.fp32 = int(node.attrs.get("fp32", 0))    # VECTOR fp32 mode (see qmath)
+        # Fused siblings (see mlp): output chunk m belongs to one output tensor, requantized
+        # (zero point, clamp, steps) and stored as that tensor's chunk m - first chunk.
+        self.out_of: list[tuple[_View, int, int, tuple[int, int], list[Any]]] = []
+        if "out_parts" in node.attrs:
+            for o, part in zip(node.outputs, node.attrs["out_parts"]):
+                if part["offset"] % cfg.cols:
+                    raise CompileError("internal: fused output not on a chunk boundary",
+                                       node.name, node.onnx_op)
+                m0 = part["offset"] // cfg.cols
+                for _ in range(-(-part["channels"] // cfg.cols)):
+                    self.out_of.append((_View(graph.tensors[o]), m0, part["zero_point"],
+                                        tuple(part["clamp"]), part["epilogue"]))
         if plan.kind == "avgpool":
             divs = avg_divisors(plan, node.attrs.get("count_include_pad", 0))
             uniq = np.unique(divs)
@@ -384,10 +416,12 @@ class _ConvLayer(_Layer):
                         fills)
         elif p.mode == "rows":
             th, tw = br, bc
-            contiguous = p.sx == 1 and p.sy == 1 and tw == v.w and v.row == v.w * v.px
-            for jj, j in enumerate(chunks):
+            for jj, jk in enumerate(chunks):
                 if only is not None and jj not in only:
                     continue
+                v, j0 = next(xp for xp in reversed(self.x_parts) if xp[1] <= jk)
+                j = jk - j0
+                contiguous = p.sx == 1 and p.sy == 1 and tw == v.w and v.row == v.w * v.px
                 rb = min(r, v.c - j * r)
                 dst = base + jj * th * tw
                 if contiguous:
@@ -422,6 +456,12 @@ class _ConvLayer(_Layer):
         ahead = it.get("stream_from", 0)        # next chunk of a streamed first block
         n_chunks = len(self._chunks(it["kg"]))
         last_jj = -1
+        if self.rb_dram is not None and it["first"]:
+            # Per-row bias: the ACC rows start at it and every MATMUL accumulates.
+            rb = 4 * self.cfg.cols
+            s.load(dram_addr=self.rb_dram + (oy0 * p.ow + ox0) * rb, n_inner=tw,
+                   dram_stride_inner=rb, n_outer=th, dram_stride_outer=p.ow * rb if th > 1 else 0,
+                   row_bytes=rb, dst=acc, dst_stride_outer=tw if th > 1 else 0, mem=1)
         for n, (k, t) in enumerate(it["seq"]):
             ky, kx, j = p.ktiles[k]
             jj = j - kg0
@@ -439,7 +479,7 @@ class _ConvLayer(_Layer):
                     q += 1
                 else:
                     s.preload(self._w_addr(t))
-            accumulate = 0 if (it["first"] and n == 0) else 1
+            accumulate = 0 if (it["first"] and n == 0 and self.rb_dram is None) else 1
             if p.mode == "rows":
                 s.matmul(spad_addr=base + jj * th * tw, acc_addr=acc, n_inner=th * tw,
                          accumulate=accumulate, swap=int(t >= 0))
@@ -466,6 +506,9 @@ class _ConvLayer(_Layer):
         n = th * tw
         acc, out = self._acc(it), self._out(it)
         lo, hi = self.clamp
+        zp, steps = self.zp, self.steps
+        if self.out_of:
+            _, _, zp, (lo, hi), steps = self.out_of[it["m"]]
         if p.kind == "avgpool":
             idx = self.div_index[oy0:oy0 + th, ox0:ox0 + tw].reshape(-1)
             start = 0
@@ -475,13 +518,13 @@ class _ConvLayer(_Layer):
                     end += 1
                 s.vector(acc_addr=acc + start, spad_addr=out + start,
                          param_addr=self.acc["par"][0] + 3 * int(idx[start]), n=end - start,
-                         zero_point=self.zp, clamp_min=lo, clamp_max=hi)
+                         zero_point=self.zp, clamp_min=lo, clamp_max=hi, fp32=1)
                 start = end
         else:
             s.vector(acc_addr=acc, spad_addr=out, param_addr=self._par(it), n=n,
-                     zero_point=self.zp, clamp_min=lo, clamp_max=hi)
+                     zero_point=zp, clamp_min=lo, clamp_max=hi, fp32=self.fp32)
         k = 0
-        for step in self.steps:
+        for step in steps:
             b = out
             if step.other is not None:
                 b = self._out(it, f"op{k}")
@@ -493,7 +536,11 @@ class _ConvLayer(_Layer):
         if not it["last"]:
             return
         b, oy0, th, ox0, tw = it["tile"]
-        _store_tile(self.s, self.y, self.cfg, self._out(it), b, oy0, th, ox0, tw, it["m"])
+        y, m = self.y, it["m"]
+        if self.out_of:
+            y, m0 = self.out_of[m][:2]
+            m -= m0
+        _store_tile(self.s, y, self.cfg, self._out(it), b, oy0, th, ox0, tw, m)
 
 
 class _MaxPoolLayer(_Layer):
@@ -660,36 +707,36 @@ class _ReorderLayer(_Layer):
         self.rows_addr = graph.tensors[rows].place.addr
         self.items = p.items()
         self.n_items = len(self.items)
-        self.slot = align(p.cb * p.w, cfg.rows)
+        self.slot = align(p.cb * p.pixels, cfg.rows)
 
-    def _rows(self, b: int, y: int, c0: int) -> int:
+    def _rows(self, b: int, y: int, x0: int, c0: int) -> int:
         p = self.plan
-        return self.rows_addr + ((b * p.c + c0) * p.h + y) * p.w
+        return self.rows_addr + ((b * p.c + c0) * p.h + y) * p.w + x0
 
     def lda(self, i: int) -> None:
-        b, y, c0, cb = self.items[i]
+        b, y, x0, xw, c0, cb = self.items[i]
         p, v = self.plan, self.cl
         dst = self.spad["r"][0] + (i % 2) * self.slot
         if p.to_rows:
-            self.s.load(dram_addr=v.addr(b, y, 0, c0), n_inner=p.w, dram_stride_inner=v.px,
+            self.s.load(dram_addr=v.addr(b, y, x0, c0), n_inner=xw, dram_stride_inner=v.px,
                         n_outer=cb, dram_stride_outer=1 if cb > 1 else 0, row_bytes=1,
-                        dst=dst, dst_stride_outer=p.w if cb > 1 else 0)
+                        dst=dst, dst_stride_outer=xw if cb > 1 else 0)
         else:
-            self.s.load(dram_addr=self._rows(b, y, c0), n_inner=p.w, dram_stride_inner=1,
+            self.s.load(dram_addr=self._rows(b, y, x0, c0), n_inner=xw, dram_stride_inner=1,
                         n_outer=cb, dram_stride_outer=p.h * p.w if cb > 1 else 0, row_bytes=1,
-                        dst=dst, dst_stride_outer=p.w if cb > 1 else 0)
+                        dst=dst, dst_stride_outer=xw if cb > 1 else 0)
 
     def st(self, i: int) -> None:
-        b, y, c0, cb = self.items[i]
+        b, y, x0, xw, c0, cb = self.items[i]
         p, v = self.plan, self.cl
         src = self.spad["r"][0] + (i % 2) * self.slot
         if p.to_rows:
-            self.s.store(src=src, n_inner=p.w, n_outer=cb, src_stride_outer=p.w if cb > 1
-                         else 0, row_bytes=1, dram_addr=self._rows(b, y, c0),
+            self.s.store(src=src, n_inner=xw, n_outer=cb, src_stride_outer=xw if cb > 1
+                         else 0, row_bytes=1, dram_addr=self._rows(b, y, x0, c0),
                          dram_stride_inner=1, dram_stride_outer=p.h * p.w if cb > 1 else 0)
         else:
-            self.s.store(src=src, n_inner=p.w, n_outer=cb, src_stride_outer=p.w if cb > 1
-                         else 0, row_bytes=1, dram_addr=v.addr(b, y, 0, c0),
+            self.s.store(src=src, n_inner=xw, n_outer=cb, src_stride_outer=xw if cb > 1
+                         else 0, row_bytes=1, dram_addr=v.addr(b, y, x0, c0),
                          dram_stride_inner=v.px, dram_stride_outer=1 if cb > 1 else 0)
 
 
@@ -789,6 +836,28 @@ def _overlap_pools(graph: Graph, layers: list[tuple[Node, _Layer]]
     return out
 
 
+def _riders(layers: list[tuple[Node, _Layer]]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Items of an eltwise node with ``attrs['ride_with']`` (a split-K rescale placed before
+    a matmul, see :mod:`npu.compiler.passes.mlp`), spread evenly over that matmul's items.
+    The matmul neither reads the rescale's output nor writes its input (allocate keeps the
+    input alive through it), so issuing the rescale later in program order keeps the
+    semantics; it applies when the two nodes' on-chip buffers are disjoint."""
+    index = {node.name: k for k, (node, _) in enumerate(layers)}
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for k, (node, layer) in enumerate(layers):
+        c = index.get(node.attrs.get("ride_with", ""), -1)
+        if c <= k or not isinstance(layer, _EltLayer) or \
+                not isinstance(layers[c][1], _ConvLayer) or \
+                not _all_disjoint(node, layers[c][0]) or \
+                set(node.outputs) & set(layers[c][0].inputs):
+            continue
+        host = layers[c][1]
+        for j in range(layer.n_items):
+            at = min(host.n_items - 1, j * host.n_items // layer.n_items)
+            out.setdefault((c, at), []).append((k, j))
+    return out
+
+
 def _all_disjoint(a: Node, b: Node) -> bool:
     ba, bb = a.attrs.get("buffers"), b.attrs.get("buffers")
     if ba is None or bb is None:
@@ -817,14 +886,17 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
         if layer.n_items:
             layers.append((node, layer))
     attached = _overlap_pools(graph, layers)
+    for key, lst in _riders(layers).items():
+        attached.setdefault(key, []).extend(lst)
     hidden = {it for lst in attached.values() for it in lst}
     items = [(li, i) for li, (_, layer) in enumerate(layers) for i in range(layer.n_items)
              if (li, i) not in hidden]
     if items:
-        node0, l0 = layers[0]
+        li0, i0 = items[0]
+        node0, l0 = layers[li0]
         s.region(node0.name)
-        l0.ldw(0)
-        l0.lda(0)
+        l0.ldw(i0)
+        l0.lda(i0)
     for k, (li, i) in enumerate(items):
         node, layer = layers[li]
         nxt = items[k + 1] if k + 1 < len(items) else None

@@ -1,6 +1,6 @@
 """Lowering that fits model families: GNN aggregation with a constant adjacency.
 
-A MatMul (or a Gemm without bias) whose *left* operand is a constant matrix, ``Y = A @ X`` (the
+A MatMul (or a Gemm) whose *left* operand is a constant matrix, ``Y = A @ X`` (the
 neighbourhood aggregation of GCN/GIN layers), has no direct ISA form: the array's weights are
 the constant operand and activations stream as rows, so the constant must be on the right. The
 product is transposed, ``Y^T = X^T A^T``:
@@ -16,12 +16,18 @@ exactly as for any matmul. The conv tiler already skips weight tiles that are al
 every all-zero array-sized block of ``A`` costs neither a PRELOAD nor a MATMUL: the aggregation
 is a block-sparse matmul. :func:`sparse_blocks` counts the skipped blocks for the report.
 
-A Gemm with a bias vector ``c`` adds ``c[f]`` along the *rows* of ``Y^T``, which the per-channel
-epilogue cannot express exactly; it stays on the host (the reason says so).
+A Gemm with a bias vector ``c`` (GCN: ``A_hat X + b``, fused by onnxruntime) adds ``c[f]`` along
+the *rows* of ``Y^T``, which the per-channel VECTOR bias cannot express: ``attrs['row_bias']``
+(int32 per output row, in accumulator units) is loaded into the ACC rows of each output tile
+(LOAD to ACC from a DRAM constant) and every MATMUL accumulates onto it, so the sum is exact
+and requantized once, like onnxruntime's Gemm. onnxruntime quantizes a Gemm's constant A as
+an *activation* (zero point -128 for a non-negative adjacency, whose correction would depend
+on the data per row); :mod:`npu.compiler.quantize` asks it for symmetric A instead.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -48,16 +54,13 @@ def const_left(lz: Any, node: onnx.NodeProto, label: str) -> Node:
     ``lz`` is the legalizer (:class:`npu.compiler.passes.legalize._Legalizer`); raises its
     ``Unsupported`` for patterns this lowering cannot take exactly.
     """
-    from npu.compiler.passes.legalize import Unsupported, _attrs, _dense_attrs
+    from npu.compiler.passes.legalize import Unsupported, _attrs, _dense_attrs, _int32
 
     a = _attrs(node)
     if node.op_type == "Gemm":
         if a.get("transB", 0) or float(a.get("alpha", 1.0)) != 1.0 or \
                 float(a.get("beta", 1.0)) != 1.0:
             raise Unsupported("Gemm of a constant A with transB, alpha != 1 or beta != 1")
-        if len(node.input) > 2 and node.input[2]:
-            raise Unsupported("Gemm of a constant A plus a bias: the bias runs along the rows "
-                              "of the transposed product (no exact per-row bias on the NPU)")
     x, xq = lz.m.act(node.input[1])
     w, ws, axis = lz.m.weight(node.input[0])
     if w.ndim != 2 or len(lz.m.shapes.get(node.input[1], ())) != 2:
@@ -75,6 +78,18 @@ def const_left(lz: Any, node: onnx.NodeProto, label: str) -> Node:
             raise Unsupported("constant A quantized per column with different scales")
         w, ws = np.round(ratio).astype(np.int8), np.array(scale, np.float32)
     attrs: dict[str, Any] = {**_dense_attrs(), "transpose_io": True}
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+    if bias:
+        # c[f] is added to row f of Y^T for every node n: a per-row bias, preloaded into the
+        # ACC rows before the first MATMUL (see the module doc).
+        if ws.size != 1:
+            raise Unsupported("Gemm of a constant A quantized per channel plus a bias")
+        f = lz.m.shapes[node.input[1]][1]
+        if bias in lz.m.shapes and math.prod(lz.m.shapes[bias]) not in (1, f):
+            raise Unsupported("Gemm of a constant A plus a bias that is not a vector over "
+                              "the features")
+        rb = lz.m.bias(bias, xq, ws.reshape(()), f)
+        attrs["row_bias"] = _int32(rb, f"{label}: row bias")
     return lz._conv_like(node, label, x, xq, np.ascontiguousarray(w)[:, :, None, None], ws,
                          "", attrs)
 

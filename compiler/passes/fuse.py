@@ -49,7 +49,7 @@ def _absorb(producer: Node, consumer: Node, steps: list[Step], graph: Graph) -> 
     for st in steps:
         if is_identity(st):
             continue
-        if st.kind == "rescale" and st.a_zero == st.zero_point and \
+        if st.kind == "rescale" and st.a_zero == st.zero_point and st.b_mult == 0 and \
                 st.a_mult == 1 << st.shift:
             # Same quantization: only the clamp range narrows.
             if eps:

@@ -89,7 +89,7 @@ def _reshape(graph: Graph, node: Node, consumers: dict[str, list[Node]]) -> None
     users = consumers.get(y.name, [])
     if y.layout == ROWS and len(y.shape) == 2 and users and all(
             u.device == "npu" and u.op == "conv" and u.attrs.get("kind") == "dense"
-            and u.inputs[0] == y.name for u in users) and y.name not in graph.outputs:
+            and u.inputs == [y.name] for u in users) and y.name not in graph.outputs:
         k = y.shape[1]
         perm = din[:k]                      # logical input index at each DRAM position
         if all(np.array_equal(din[r * k:(r + 1) * k] - r * k, perm)

@@ -4,9 +4,10 @@ Every compute node whose activation inputs come from DequantizeLinear of int8 te
 output goes only to one QuantizeLinear becomes an int8 NPU node (``conv``, ``add``, ``clamp``,
 ``maxpool``, ``avgpool``, ``concat``, ``reshape``, ``gather``) reading the int8 tensors and
 writing the Q node's output; its Q/DQ nodes are absorbed. Weights are read from the
-DequantizeLinear of their int8 initializers, biases from the int32 ones; the requantization
-multipliers come from the scales (:mod:`npu.compiler.qmath`) and the input zero point is
-folded into the bias (``bias - zx * sum(w)``), so padding must read as ``zx``.
+DequantizeLinear of their int8 initializers, biases from the int32 ones; requantization uses
+onnxruntime's float32 scales (VECTOR fp32 mode) and ELTWISE steps chosen to reproduce its
+kernels (:mod:`npu.compiler.qmath`); the input zero point is folded into the bias
+(``bias - zx * sum(w)``), so padding must read as ``zx``.
 
 Everything else (Softmax, LRN, float ops, Q/DQ at the borders, patterns the NPU cannot do)
 becomes a ``host`` node carrying its ONNX node; ``Node.reason`` says why.
@@ -27,7 +28,13 @@ from npu.compiler.errors import CompileError
 from npu.compiler.frontend import graph_inputs, node_label, value_shapes
 from npu.compiler.ir import Graph, Node, Quant, Tensor
 from npu.compiler.passes import families
-from npu.compiler.qmath import add_step, multipliers, quantize_scalar, requant_scales, rescale_step
+from npu.compiler.qmath import (
+    add_step,
+    quantize_scalar,
+    requant_params,
+    requant_scales,
+    rescale_step,
+)
 
 __all__ = ["legalize", "Unsupported"]
 
@@ -365,11 +372,11 @@ class _Legalizer:
         bias = self.m.bias(bias_name, xq, w_scale, cout)
         wsum = w.reshape(cout, -1).astype(np.int64).sum(axis=1)
         bias = _int32(bias - xq.zero_point * wsum, f"{label}: bias with folded zero point")
-        scales = requant_scales(xq.scale, w_scale, yq.scale)
-        mult, shift = multipliers(scales, label)
+        # VECTOR fp32 mode: onnxruntime's float32 requantization (QLinearConv, QGemm, ...).
+        mult, shift = requant_params(requant_scales(xq.scale, w_scale, yq.scale), label)
         self._finish(node, out)
-        attrs.update(weight=w, bias=bias, mult=mult, shift=shift, zero_point=yq.zero_point,
-                     clamp=(out.lo, out.hi), epilogue=[])
+        attrs.update(weight=w, bias=bias, mult=mult, shift=shift, fp32=1,
+                     zero_point=yq.zero_point, clamp=(out.lo, out.hi), epilogue=[])
         return self._npu("conv", label, [x], y, [xq], yq, attrs)
 
     def conv(self, node: onnx.NodeProto, label: str) -> Node:
@@ -438,7 +445,7 @@ class _Legalizer:
         out = self.m.out(node)
         y, yq = out.name, out.quant
         self._finish(node, out)
-        step = add_step(aq, bq, yq, b, out.lo, out.hi)
+        step = add_step(aq, bq, yq, b, out.lo, out.hi, fused=_ort_fuses_add(node, out))
         return self._npu("add", label, [a, b], y, [aq, bq], yq, {"epilogue": [step]})
 
     def clamp(self, node: onnx.NodeProto, label: str) -> Node:
@@ -467,7 +474,10 @@ class _Legalizer:
         sp = _spatial(node, {} if glob else a, shape, kernel, bool(a.get("ceil_mode", 0)))
         self._finish(node, out)
         attrs = {**sp, "count_include_pad": int(a.get("count_include_pad", 0)),
-                 "zero_point": yq.zero_point, "epilogue": [], "clamp": (out.lo, out.hi)}
+                 "zero_point": yq.zero_point, "epilogue": [], "clamp": (out.lo, out.hi),
+                 # The pool's own output scale: fuse may later make it write a concat's or
+                 # an absorbed add's tensor, with their rescale as an epilogue step.
+                 "out_scale": yq.scale}
         if op == "maxpool" and (xq != yq or (out.lo, out.hi) != (-128, 127)):
             attrs["epilogue"] = [rescale_step(xq, yq, out.lo, out.hi)]
         return self._npu(op, label, [x], y, [xq], yq, attrs)
@@ -539,6 +549,16 @@ class _Legalizer:
         out.dtype = "int8"
         out.split = len(it.shape)         # one output row per index
         return n
+
+
+def _ort_fuses_add(node: onnx.NodeProto, out: _Out) -> bool:
+    """Whether onnxruntime runs this ``DQ, DQ -> Add [-> act] -> Q`` as its QLinearAdd kernel.
+
+    Its QDQ fusion takes ``Add`` (not ``Sum``) whose output only a QuantizeLinear reads; a
+    Relu/Clip in between is first removed when the Q's range makes it redundant (a clamp
+    to the whole int8 range, e.g. Relu with zero point -128), otherwise nothing is fused and
+    the add runs in float32."""
+    return node.op_type == "Add" and (out.lo, out.hi) == (-128, 127)
 
 
 def _dense_attrs() -> dict[str, Any]:

@@ -96,7 +96,7 @@ def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
     if isinstance(plan, GatherPlan):
         return [("g", 2 * align(plan.block, r))], []
     if isinstance(plan, ReorderPlan):
-        return [("r", 2 * align(plan.cb * plan.w, r))], []
+        return [("r", 2 * align(plan.cb * plan.pixels, r))], []
     return [], []
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, geometry
+from npu.compiler.passes.mlp import out_parts, split_k_weight
 from npu.isa import NPUConfig
 
 __all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "ReorderPlan", "tile", "conv_tiles",
@@ -42,6 +43,8 @@ W_SUB_MAX = 64
 #: channels (e.g. the RGB first layer); it must also need fewer K tiles than the plain form.
 PACKED_MAX_C = 8
 _ITEM_OVERHEAD = 40   # cycles an item costs beyond its matmuls (pipeline bubbles, sync)
+#: Rows per tile of an eltwise node riding along a matmul (about one conv item's rows).
+_RIDER_ROWS = 512
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -189,14 +192,25 @@ class ReorderPlan:
     c: int
     cb: int               # channels per item
     to_rows: bool
+    wb: int = 0           # pixels per item (0: the whole image row); wide rows are split
 
-    def items(self) -> list[tuple[int, int, int, int]]:
-        return [(b, y, c0, min(self.cb, self.c - c0)) for b in range(self.n)
-                for y in range(self.h) for c0 in range(0, self.c, self.cb)]
+    @property
+    def pixels(self) -> int:
+        """Pixels per item."""
+        return self.wb or self.w
+
+    def items(self) -> list[tuple[int, int, int, int, int, int]]:
+        """(image, row, x0, pixels, c0, channels) of every item."""
+        wb = self.pixels
+        return [(b, y, x0, min(wb, self.w - x0), c0, min(self.cb, self.c - c0))
+                for b in range(self.n) for y in range(self.h) for x0 in range(0, self.w, wb)
+                for c0 in range(0, self.c, self.cb)]
 
     def __str__(self) -> str:
         d = "NHWC->rows" if self.to_rows else "rows->NHWC"
-        return f"reorder {d} {self.n}x{self.h}x{self.w}x{self.c} in blocks of {self.cb} ch"
+        pieces = f" x {self.wb} px" if self.wb else ""
+        return (f"reorder {d} {self.n}x{self.h}x{self.w}x{self.c} in blocks of {self.cb} ch"
+                f"{pieces}")
 
 
 @dataclass
@@ -248,7 +262,10 @@ def conv_tiles(plan: ConvPlan, node: Node, rows: int) -> np.ndarray:
                 if j == m:
                     tiles[m, k] = ident
         return tiles
-    w = _dense_weights(node, plan.c)                 # [Cout, Cin, KH, KW]
+    if "k_parts" in node.attrs:
+        w = split_k_weight(node, r)                  # each input part on its own K chunks
+    else:
+        w = _dense_weights(node, plan.c)             # [Cout, Cin, KH, KW]
     cout = w.shape[0]
     if plan.mode == "packed":
         kwc = plan.kw * plan.c
@@ -316,6 +333,12 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
     _, oh, ow, cout = geometry(y)
     r = cfg.rows
     a = node.attrs
+    c_macs = c
+    if "k_parts" in a:        # split-K (see mlp): the inputs' chunks one after the other
+        c_macs = sum(a["k_parts"])
+        c = sum(_cdiv(k, r) for k in a["k_parts"]) * r
+    if "out_parts" in a:      # fused siblings (see mlp): outputs side by side on chunks
+        cout = int(a["weight"].shape[0])
     kh, kw = a["kernel"]
     sy, sx = a["strides"]
     dy, dx = a["dilations"]
@@ -333,7 +356,8 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
             if pj * kh < _cdiv(c, r) * kh * kw:
                 modes.insert(0, ("packed", pj))
     mode, cj = modes[0]
-    macs = n * oh * ow * cout * kh * kw * (c // int(a.get("group", 1)))
+    macs = n * oh * ow * sum(p_["channels"] for p_ in out_parts(node)) * kh * kw * \
+        (c_macs // int(a.get("group", 1))) if kind != "avgpool" else 0
     if kind == "avgpool":
         macs = 0
     # Which weight tiles are nonzero decides residency and per-item weight rows.
@@ -354,7 +378,15 @@ def plan_conv(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int,
     best: ConvPlan | None = None
     for n_sp in _row_splits(oh):
         oh_t = _cdiv(oh, n_sp)
-        for ow_t in _col_tiles(ow, (acc_total - 6) // 2 // max(oh_t, 1)):
+        # Two aligned ACC slots plus the parameter rows must fit (a 10,000-row GNN layer).
+        slot_max = (acc_total - _al(6, r)) // 2 // r * r
+        widths = _col_tiles(ow, slot_max // max(oh_t, 1))
+        if mode == "rows" and widths and cj * oh_t * widths[0] > spad_budget // 2:
+            # The whole reduction of a full-width tile does not fit: K groups would reload
+            # the input block for every output chunk (a GNN aggregation over 10,000 nodes
+            # with 625 chunks). Narrower tiles may hold all of K at once; the cost model picks.
+            widths += sorted({_cdiv(ow, k) for k in (2, 3, 4, 8)} - set(widths), reverse=True)
+        for ow_t in widths:
             mt = oh_t * ow_t
             params_res = 2 * _al(mt, r) + _al(3 * coc, r) <= acc_total
             if 2 * _al(mt, r) + _al(6, r) > acc_total or mt < 1:
@@ -535,6 +567,8 @@ def plan_eltwise(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> 
     n, h, w, c = geometry(y)
     operands = 2 if node.op == "add" else 1
     limit = max(1, min(4095 * 4095, spad_budget // (2 * (operands + 1)) - 2 * cfg.rows))
+    if node.attrs.get("ride_with"):
+        limit = min(limit, _RIDER_ROWS)   # small tiles between a matmul's items (see mlp)
     ow_t = min(w, 4095, limit)
     oh_t = max(1, min(h, 4095, limit // ow_t))
     return EltPlan(n, h, w, c, _cdiv(c, cfg.rows), oh_t, ow_t)
@@ -545,11 +579,12 @@ def plan_reorder(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> 
     cl = graph.tensors[node.inputs[0] if to_rows else node.outputs[0]]
     n, h, w, c = geometry(cl)
     slot = spad_budget // 2 - 2 * cfg.rows
-    if w > slot or w > 65535:
-        raise CompileError(f"image rows of {w} pixels are too wide to reorder", node.name,
-                           node.onnx_op)
-    cb = max(1, min(c, slot // w, 65535))
-    return ReorderPlan(n, h, w, c, cb, to_rows)
+    if slot < 1:
+        raise CompileError("no scratchpad room to reorder", node.name, node.onnx_op)
+    # Rows wider than a slot (a 10,000-node GNN feature matrix) go in pieces of wb pixels.
+    wb = min(w, slot, 65535)
+    cb = max(1, min(c, slot // wb, 65535))
+    return ReorderPlan(n, h, w, c, cb, to_rows, 0 if wb == w else wb)
 
 
 def plan_gather(node: Node, graph: Graph, cfg: NPUConfig, spad_budget: int) -> GatherPlan:

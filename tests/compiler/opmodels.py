@@ -2,10 +2,12 @@
 
 :func:`compare` quantizes a float model with onnxruntime (through the compiler), runs the
 compiled program on the simulator and onnxruntime on the *same* QDQ model, and returns the int8
-values of every graph output's QuantizeLinear for both. onnxruntime runs with graph
-optimizations off: its fused int8 kernels (QLinearConv/QGemm, u8s8 on AVX2 without VNNI) can
-saturate 16-bit intermediate sums, while the unfused QDQ graph computes the model's exact
-semantics (dequantize, float op, quantize); the NPU computes those exactly in integers.
+values of every graph output's QuantizeLinear for both. onnxruntime runs its integer kernels
+(``kernels="int8"``: ``session.qdqisint8allowed`` with the default graph optimizations fuse
+DQ-Conv-Q into QLinearConv, DQ-Gemm-Q into QGemm, Concat into QLinearConcat, ...), which is
+what the compiler reproduces bit for bit (see :mod:`npu.compiler.qmath`); ``kernels="float"``
+runs the unfused QDQ graph (dequantize, float op, quantize; graph optimizations off), whose
+float convolutions sum in an order no integer machine reproduces exactly.
 """
 
 from __future__ import annotations
@@ -97,14 +99,21 @@ def feeds(model: onnx.ModelProto, rng: np.random.Generator, n: int = 1
     return out
 
 
-def ort_session(qdq: onnx.ModelProto, extra: Sequence[str] = ()) -> ort.InferenceSession:
-    """onnxruntime on a QDQ model, unoptimized (exact QDQ semantics), with extra outputs."""
+def ort_session(qdq: onnx.ModelProto, extra: Sequence[str] = (), kernels: str = "int8"
+                ) -> ort.InferenceSession:
+    """onnxruntime on a QDQ model with extra int8 outputs: its fused integer kernels
+    (``kernels="int8"``) or the unfused float QDQ graph (``"float"``, optimizations off)."""
+    if kernels not in ("int8", "float"):
+        raise ValueError(f"kernels must be 'int8' or 'float', not {kernels!r}")
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
     for name in extra:
         m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if kernels == "int8":
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    else:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -121,9 +130,10 @@ def output_q_tensors(qdq: onnx.ModelProto) -> list[str]:
 
 
 def compare(model: onnx.ModelProto, config: str = "npu16", seed: int = 0, engine: str = "numba",
-            calib_n: int = 4, observe: Any = ()
+            calib_n: int = 4, observe: Any = (), kernels: str = "int8"
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], InferenceSession]:
-    """(npu int8, onnxruntime int8) of the outputs' quantized tensors, and the session."""
+    """(npu int8, onnxruntime int8) of the outputs' quantized tensors, and the session;
+    ``kernels`` as in :func:`ort_session`."""
     rng = np.random.default_rng(seed)
     calib = feeds(model, rng, calib_n)
     sess = InferenceSession(model, config, calibration=calib, engine=engine, observe=observe)
@@ -132,7 +142,8 @@ def compare(model: onnx.ModelProto, config: str = "npu16", seed: int = 0, engine
         names = [n.output[0] for n in sess.qdq_model.graph.node
                  if n.op_type == "QuantizeLinear"]
     osess = ort_session(sess.qdq_model, [n for n in names
-                                         if n not in {o.name for o in sess.qdq_model.graph.output}])
+                                         if n not in {o.name for o in sess.qdq_model.graph.output}],
+                        kernels)
     x = feeds(model, rng, 1)[0]
     sess.run(None, x)
     ours = {n: sess.tensors[n] for n in names if n in sess.tensors}

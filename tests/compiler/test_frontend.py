@@ -159,3 +159,101 @@ def test_quantize_static_qdq_per_channel() -> None:
     q_x = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
     assert inits[q_x.input[2]].dtype == np.int8            # int8 activations
     assert quantize_model(qdq, None) is qdq                # QDQ taken as it is
+
+
+def _sparse_matmul_model(dense: np.ndarray, form: str) -> onnx.ModelProto:
+    """Y = X @ W with W stored sparse: a Constant's ``sparse_value`` (linear [NNZ] or
+    coordinate [NNZ, 2] indices) or a graph ``sparse_initializer``."""
+    coords = np.argwhere(dense != 0).astype(np.int64)
+    values = numpy_helper.from_array(dense[dense != 0].astype(np.float32), "W")
+    idx = coords if form == "coords" else np.ravel_multi_index(tuple(coords.T), dense.shape)
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(
+        np.asarray(idx, np.int64), "W_indices"), list(dense.shape))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    sparse_inits = []
+    if form == "initializer":
+        sparse_inits = [sparse]
+    else:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], sparse_value=sparse))
+    k, n = dense.shape
+    g = helper.make_graph(nodes, "sparse", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [3, k])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [3, n])], sparse_initializer=sparse_inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("form", ["linear", "coords", "initializer"])
+def test_sparse_constants_densified(form: str) -> None:
+    rng = np.random.default_rng(1)
+    dense = rng.normal(size=(7, 5)) * (rng.random((7, 5)) < 0.3)
+    dense[0, 0] = 0.5
+    model = _sparse_matmul_model(dense, form)
+    prepared = frontend.prepare_model(model)
+    assert not any(n.op_type == "Constant" for n in prepared.graph.node)
+    assert not len(prepared.graph.sparse_initializer)
+    np.testing.assert_array_equal(frontend.constants(prepared.graph)["W"],
+                                  dense.astype(np.float32))
+    x = rng.normal(size=(3, 7)).astype(np.float32)
+    if form != "initializer":  # onnxruntime's own densification, as the oracle
+        np.testing.assert_allclose(_ort(prepared, {"x": x})[0], _ort(model, {"x": x})[0],
+                                   rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_ort(prepared, {"x": x})[0], x @ dense, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_constant_with_bad_indices_is_named() -> None:
+    values = numpy_helper.from_array(np.ones(2, np.float32), "W")
+    bad = helper.make_sparse_tensor(values, numpy_helper.from_array(
+        np.array([0, 35], np.int64), "i"), [7, 5])
+    with pytest.raises(CompileError, match="'W'.*out of range"):
+        frontend.sparse_to_dense(bad)
+    dup = helper.make_sparse_tensor(values, numpy_helper.from_array(
+        np.array([[1, 1], [1, 1]], np.int64), "i"), [7, 5])
+    with pytest.raises(CompileError, match="repeats an index"):
+        frontend.sparse_to_dense(dup)
+
+
+def _preactivation_bn() -> onnx.ModelProto:
+    """DenseNet's pre-activation unit: Concat -> BatchNormalization -> Mul -> Add (per-channel
+    constants, as in the onnx light model) -> Relu -> Conv."""
+    m = Model(4)
+    x = m.input("x", (1, 6, 8, 8))
+    c = m.op("Concat", [x, m.conv(x, 6, 4, 3, pads=[1, 1, 1, 1])], axis=1)
+    rng = np.random.default_rng(2)
+    bn = m.op("BatchNormalization", [c] + [m.const(v.astype(np.float32)) for v in (
+        1 + 0.2 * rng.standard_normal(10), 0.1 * rng.standard_normal(10),
+        0.1 * rng.standard_normal(10), 0.5 + rng.random(10))])
+    mul = m.op("Mul", [bn, m.const((1 + 0.3 * rng.standard_normal((10, 1, 1))).astype(
+        np.float32))])
+    add = m.op("Add", [m.const((0.2 * rng.standard_normal((10, 1, 1))).astype(np.float32)), mul])
+    return m.build([m.conv(m.op("Relu", [add]), 10, 8, 1)])
+
+
+def test_unfoldable_batchnorm_becomes_a_depthwise_conv() -> None:
+    model = _preactivation_bn()
+    prepared = frontend.prepare_model(model)
+    ops = [n.op_type for n in prepared.graph.node]
+    assert "BatchNormalization" not in ops and "Mul" not in ops and "Add" not in ops, ops
+    dw = [n for n in prepared.graph.node if n.op_type == "Conv"
+          and helper.get_attribute_value(n.attribute[0]) == 10]
+    assert len(dw) == 1
+    x = np.random.default_rng(5).standard_normal((1, 6, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_ort(prepared, {"x": x})[0], _ort(model, {"x": x})[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_with_a_shared_output_keeps_its_users() -> None:
+    """A Mul whose input is also read elsewhere is not absorbed (the value is still needed)."""
+    m = Model(7)
+    x = m.input("x", (1, 4, 5, 5))
+    rng = np.random.default_rng(3)
+    bn = m.op("BatchNormalization", [x] + [m.const(v.astype(np.float32)) for v in (
+        1 + 0.2 * rng.standard_normal(4), 0.1 * rng.standard_normal(4),
+        0.1 * rng.standard_normal(4), 0.5 + rng.random(4))])
+    mul = m.op("Mul", [bn, m.const(np.full((4, 1, 1), 2.0, np.float32))])
+    model = m.build([m.op("Add", [mul, bn])])
+    prepared = frontend.prepare_model(model)
+    ops = [n.op_type for n in prepared.graph.node]
+    assert ops.count("Conv") == 1 and "Mul" in ops, ops
+    x = np.random.default_rng(6).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_ort(prepared, {"x": x})[0], _ort(model, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)

@@ -219,7 +219,8 @@ def gather_embedding():
 def avgpool_2x2_ties():
     """2x2 average with the input's scale (onnxruntime's QDQ AveragePool keeps it): a quarter
     of the exact results are ties x.5, which the NPU rounds half to even while onnxruntime's
-    float arithmetic resolves them either way. Every difference must be such a tie."""
+    QLinearAveragePool (a float32 sum of dequantized values, divided by the count) resolves
+    them either way. Every difference must be such a tie."""
     model = avgpool_2x2()
     ours, theirs, sess = compare(model, "npu16", seed=1, observe="all")
     x_name = next(n for n in sess.tensors if n.startswith("conv3_QuantizeLinear"))

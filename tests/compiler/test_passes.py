@@ -9,6 +9,7 @@ import onnx
 import pytest
 from opmodels import Model, feeds
 
+from npu import numerics
 from npu.compiler.errors import CompileError
 from npu.compiler.frontend import prepare_model
 from npu.compiler.ir import CHANNEL_LAST, ROWS, Graph, geometry
@@ -45,28 +46,39 @@ def _residual() -> onnx.ModelProto:
     return m.build([m.conv(y, 16, 8, 1)])
 
 
-def _fire() -> onnx.ModelProto:
+def _fire(head_k: int = 1) -> onnx.ModelProto:
     m = Model(2)
     x = m.op("Relu", [m.conv(m.input("x", (1, 8, 6, 6)), 8, 8, 1)])
     a = m.op("Relu", [m.conv(x, 8, 16, 1)])
     b = m.op("Relu", [m.conv(x, 8, 24, 3, pads=[1, 1, 1, 1])])
-    return m.build([m.conv(m.op("Concat", [a, b], axis=1), 40, 8, 1)])
+    pad = (head_k - 1) // 2
+    return m.build([m.conv(m.op("Concat", [a, b], axis=1), 40, 8, head_k, pads=[pad] * 4)])
 
 
 def test_legalize_conv_fold_and_host_reason() -> None:
     m = Model(3)
     x = m.input("x", (1, 4, 5, 5))
     y = m.op("Softmax", [m.conv(x, 4, 6, 3, pads=[1, 1, 1, 1])], axis=1)
-    g = run_passes(m.build([y]), "legalize")
+    model = m.build([y])
+    qdq = prepare_model(quantize_model(prepare_model(model),
+                                       feeds(model, np.random.default_rng(0), 2)))
+    g = legalize.legalize(qdq)
     conv = next(n for n in g.nodes if n.op == "conv")
     xq = g.tensors[conv.inputs[0]].quant
+    yq = g.tensors[conv.outputs[0]].quant
     w = conv.attrs["weight"].astype(np.int64)
     # The input zero point is folded into the bias: bias = b_q - zx * sum(w).
     qdq_bias = conv.attrs["bias"] + xq.zero_point * w.reshape(6, -1).sum(axis=1)
     assert np.abs(qdq_bias).max() < 1 << 31
-    # Multipliers represent the float32 requantization scales exactly.
-    scale = conv.attrs["mult"] / 2.0 ** conv.attrs["shift"]
-    assert np.all((scale > 0) & (scale < 1))
+    # VECTOR fp32 mode: the multiplier row holds onnxruntime's float32 requantization scales
+    # x_scale * w_scale / y_scale (computed in that order in float32), bit for bit.
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    wdq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear"
+               and consts.get(n.input[0], np.zeros(0)).ndim == 4)
+    ws = consts[wdq.input[1]].astype(np.float32)
+    want = np.float32(xq.scale) * ws / np.float32(yq.scale)
+    assert conv.attrs["fp32"] == 1 and not np.any(conv.attrs["shift"])
+    np.testing.assert_array_equal(numerics.f32_scales(conv.attrs["mult"]), want)
     soft = next(n for n in g.nodes if n.onnx_op == "Softmax")
     assert soft.device == "host" and "Softmax" in soft.reason
 
@@ -84,7 +96,8 @@ def test_fuse_residual_add_into_conv() -> None:
 
 
 def test_fuse_concat_writes_in_place() -> None:
-    g = run_passes(_fire(), "fuse")
+    # (Read by a 3x3 conv: a concat read only by 1x1 convs is split-K, see test_mlp.py.)
+    g = run_passes(_fire(head_k=3), "fuse")
     concat = next(n for n in g.nodes if n.op == "concat")
     views = [g.tensors[t].view_of for t in concat.inputs]
     assert views == [(concat.outputs[0], 0), (concat.outputs[0], 16)]
@@ -94,7 +107,7 @@ def test_fuse_concat_writes_in_place() -> None:
 def test_fuse_concat_of_inputs_copies() -> None:
     m = Model(5)
     y = m.op("Concat", [m.input("a", (1, 3, 2, 2)), m.input("b", (1, 5, 2, 2))], axis=1)
-    g = run_passes(m.build([m.conv(y, 8, 4, 1)]), "fuse")
+    g = run_passes(m.build([m.conv(y, 8, 4, 3, pads=[1, 1, 1, 1])]), "fuse")
     assert [n.op for n in g.nodes if n.device == "npu"][:2] == ["copy", "copy"]
 
 

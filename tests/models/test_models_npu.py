@@ -13,10 +13,11 @@ pytest.importorskip("npu.compiler.session")
 # Known compiler gaps (issue 6), reported; these flip to XPASS when fixed.
 _GAPS = {
     "graphsage_sbm": "compiler: GATHER faults ADDRESS_OUT_OF_RANGE on valid indices",
-    "gcn_sbm": "compiler: constant folding of a Constant with sparse_value",
-    "gin_sbm": "compiler: constant folding of a Constant with sparse_value",
-    "densenet121": "compiler: internal error 'STORE into DRAM constants'",
-    "shufflenet": "compiler: emit fails on an empty DRAM range (max() of an empty sequence)",
+    # Runs entirely on the NPU and every layer but three matches onnxruntime's int8 kernels
+    # exactly; the three 2x2 transition AveragePools differ by one at exact ties (22%: the NPU
+    # rounds half to even, QLinearAveragePool does not), and 58 layers amplify that (logits
+    # ~18% identical, max 10; cosine 0.9985 to onnxruntime, same top-1). See docs/compiler.md.
+    "densenet121": "int8 AveragePool ties amplified over 120 layers (cosine 0.998, top-1 same)",
 }
 # Deep networks accumulate one-LSB requantization differences over 20-120 layers and end in
 # a host Softmax that magnifies them: the int8 probabilities agree less exactly.
@@ -93,3 +94,32 @@ def test_nerf_render_on_the_npu(tmp_path) -> None:
     assert r.psnr_npu_vs_float >= 30.0
     for name, img in (("npu", r.npu_image), ("float", r.float_image)):
         assert nerf.save_png(tmp_path / f"nerf_{name}.png", img).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_densenet121_runs_on_the_npu_close_to_onnxruntime() -> None:
+    """DenseNet-121's pre-activation BatchNorm+Mul+Add chains run as depthwise convolutions, so
+    nothing but the input/output conversions is left on the host; its logits agree with
+    onnxruntime on the same QDQ model by cosine and top-1 (the exact int8 identity does not
+    hold end to end, see ``_GAPS``)."""
+    import numpy as np
+
+    name = "densenet121"
+    model = MODELS[name]()
+    sess = checks._session(model, "npu16", calibration_data(name, 4))
+    rep = sess.compiled.report()
+    assert not rep["host_fallbacks"], rep["host_fallbacks"][:5]
+    assert len(rep["segments"]) == 1
+    feeds = calibration_data(name, 5, seed=1)[-1]
+    ours = sess.run(None, feeds)[0].ravel().astype(np.float64)
+    qdq = checks._ort(sess.qdq_model, optimize=False).run(None, feeds)[0].ravel()
+    flt = checks._ort(model).run(None, feeds)[0].ravel().astype(np.float64)
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    print(f"densenet121: cosine NPU/onnxruntime {cos(ours, qdq):.5f}, NPU/float "
+          f"{cos(ours, flt):.5f}, onnxruntime/float {cos(qdq, flt):.5f}")
+    assert cos(ours, qdq) >= 0.995
+    assert ours.argmax() == qdq.argmax()
+    assert cos(ours, flt) >= cos(qdq, flt) - 0.005
