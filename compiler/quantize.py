@@ -42,6 +42,42 @@ _ONNX_TO_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.
                onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_}
 
 
+#: How :func:`onnxruntime_session` runs a QDQ model.
+ORT_KERNELS = ("int8", "float")
+
+
+def onnxruntime_session(model: onnx.ModelProto, kernels: str = "int8",
+                        extra_int8_outputs: Sequence[str] = ()) -> Any:
+    """onnxruntime (CPU) on ``model``: the oracle the NPU is compared with.
+
+    ``kernels="int8"`` (a QDQ model's reference): default graph optimizations with
+    ``session.qdqisint8allowed=1``, so every DQ-op-Q group runs as onnxruntime's integer
+    kernel (QLinearConv, QGemm, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...), as
+    it does by default on ARM and VNNI machines. The NPU reproduces these bit for bit. Without
+    the option, x86 AVX2 leaves S8S8 convolutions in float, summed in an order no integer
+    machine reproduces. ``kernels="float"``: optimizations off, so Q/DQ run as written (also
+    the right choice for float models). ``extra_int8_outputs`` names int8 tensors to expose as
+    extra outputs (e.g. QuantizeLinear outputs, for layer-by-layer checks)."""
+    import onnxruntime as ort
+
+    if kernels not in ORT_KERNELS:
+        raise ValueError(f"kernels must be one of {ORT_KERNELS}, not {kernels!r}")
+    if extra_int8_outputs:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT8, None)
+                              for n in extra_int8_outputs if n not in have)
+        model = m
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if kernels == "int8":
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+    else:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def is_qdq(model: onnx.ModelProto) -> bool:
     """True when the model already holds QuantizeLinear or DequantizeLinear nodes."""
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)

@@ -27,20 +27,13 @@ from .data import accuracy, digits_split
 Feeds = Mapping[str, np.ndarray]
 
 
-def _ort(model: onnx.ModelProto, optimize: bool = True, extra_int8: Sequence[str] = ()) -> Any:
-    import onnxruntime as ort
+def _ort(model: onnx.ModelProto, kernels: str = "float", extra_int8: Sequence[str] = ()
+         ) -> Any:
+    """onnxruntime on ``model``: float models as written; QDQ models with ``kernels="int8"``
+    (its integer kernels, the NPU's bit-exact reference)."""
+    from npu.compiler.quantize import onnxruntime_session
 
-    if extra_int8:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT8, None)
-                              for n in extra_int8)
-        model = m
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not optimize:  # exact QDQ semantics: no fusion into QLinear kernels
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(model, kernels, extra_int8)
 
 
 def _session(model: onnx.ModelProto, config: str, calibration: Any) -> Any:
@@ -64,9 +57,16 @@ class Agreement:
         return max(v[1] for v in self.outputs.values())
 
 
-def int8_agreement(session: Any, feeds: Feeds) -> Agreement:
+def int8_agreement(session: Any, feeds: Feeds, kernels: str = "float") -> Agreement:
     """Run ``feeds`` through an NPU session and onnxruntime on its QDQ model; compare the int8
-    tensors whose dequantization are the graph outputs."""
+    tensors whose dequantization are the graph outputs.
+
+    ``kernels="float"`` (default) runs the QDQ graph as written: the builders' graphs end in
+    host ops (Softmax, ...) that the NPU session runs that way, whereas onnxruntime's integer
+    path replaces Softmax by its LUT approximation (QLinearSoftmax) and cannot run every
+    quantized graph (QLinearMatMul rejects a per-channel constant left operand).
+    ``kernels="int8"`` compares with onnxruntime's integer kernels, which NPU-computed tensors
+    match bit for bit (see :func:`npu.compiler.quantize.onnxruntime_session`)."""
     qdq = session.qdq_model
     producer = {o: n for n in qdq.graph.node for o in n.output}
     names = [producer[o.name].input[0] for o in qdq.graph.output
@@ -75,7 +75,7 @@ def int8_agreement(session: Any, feeds: Feeds) -> Agreement:
         raise ValueError("the QDQ model has no quantized outputs to compare")
     session.run(None, dict(feeds))
     ours = {n: np.asarray(session.tensors[n], np.int64) for n in names}
-    ref_sess = _ort(qdq, optimize=False, extra_int8=names)
+    ref_sess = _ort(qdq, kernels, extra_int8=names)
     ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, dict(feeds))))
     out = {}
     for n in names:

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from npu.compiler.quantize import onnxruntime_session
 from npu.compiler.session import InferenceSession
 
 OPSET = 17
@@ -102,20 +103,9 @@ def feeds(model: onnx.ModelProto, rng: np.random.Generator, n: int = 1
 def ort_session(qdq: onnx.ModelProto, extra: Sequence[str] = (), kernels: str = "int8"
                 ) -> ort.InferenceSession:
     """onnxruntime on a QDQ model with extra int8 outputs: its fused integer kernels
-    (``kernels="int8"``) or the unfused float QDQ graph (``"float"``, optimizations off)."""
-    if kernels not in ("int8", "float"):
-        raise ValueError(f"kernels must be 'int8' or 'float', not {kernels!r}")
-    m = onnx.ModelProto()
-    m.CopyFrom(qdq)
-    for name in extra:
-        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
-    so = ort.SessionOptions()
-    if kernels == "int8":
-        so.add_session_config_entry("session.qdqisint8allowed", "1")
-    else:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    (``kernels="int8"``) or the unfused float QDQ graph (``"float"``, optimizations off);
+    see :func:`npu.compiler.quantize.onnxruntime_session`."""
+    return onnxruntime_session(qdq, kernels, extra)
 
 
 def output_q_tensors(qdq: onnx.ModelProto) -> list[str]:
