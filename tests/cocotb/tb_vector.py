@@ -160,6 +160,11 @@ def random_instr(rng: np.random.Generator, cfg: NPUConfig, model: Model) -> Inst
                 f[f"{src}_addr"] = dst
                 f[f"{src}_stride_inner"] = 1
                 f[f"{src}_stride_outer"] = n_inner
+            if rng.random() < 0.3:   # compiler-like ADD (scale ratios 1/8..1/2): spread results
+                shift = int(rng.integers(12, 25))
+                f.update(func=int(EltFunc.ADD), shift=shift, clamp_min=-128, clamp_max=127,
+                         a_mult=int(rng.integers(1 << (shift - 3), 1 << (shift - 1))),
+                         b_mult=int(rng.integers(1 << (shift - 3), 1 << (shift - 1))))
         ins = Instr(op, 0, 0, f)
         if address_error(ins, cfg, 1 << 20) is None:
             return ins
