@@ -65,7 +65,7 @@ def requant_params(scales: np.ndarray, where: str = "") -> tuple[np.ndarray, np.
 
 
 def _shift_for(*ratios: float) -> int:
-    """Largest shift <= 63 keeping round(r * 2**shift) within the 16-bit multiplier range."""
+    """Largest shift <= ELT_SHIFT_MAX keeping round(r * 2**shift) <= ELT_MULT_MAX."""
     top = max(abs(r) for r in ratios)
     if top == 0:
         return 0

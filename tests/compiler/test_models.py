@@ -124,8 +124,8 @@ def test_squeezenet_runs_on_the_npu(squeezenet: Run) -> None:
 
 def test_single_step_is_amplified(squeezenet: Run) -> None:
     """onnxruntime against itself: change one int8 value of the first pooling output by one
-    step, run the rest of the QDQ model, and most logits change (why any per-layer difference,
-    such as ResNet-50's 16-bit residual adds, shows up in the end-to-end identity)."""
+    step, run the rest of the QDQ model, and most logits change: why end-to-end identity needs
+    every layer bit-exact (fp32 requantization, 23-bit ELTWISE multipliers), not just close."""
     import tempfile
     from pathlib import Path
 
