@@ -5,11 +5,13 @@ two-layer GCN and GIN of ``npu.models.gnn`` on karate club (34 nodes) and on the
 block-banded graph (``--nodes`` nodes, communities of 32, adjacency stored as a
 ``sparse_value`` Constant), runs one inference on the numba engine and prints, per model: total
 cycles, MAC utilization of the whole run, int8 agreement with onnxruntime on the same QDQ
-model, compile and run wall times, the cycles of the DMA transposes around the aggregations;
-and per aggregation layer (the transposed product ``Y^T = X^T A^T``): all-zero array-sized
-weight blocks skipped out of the total, the layer's cycles (its share of the pipelined total),
-the MACs it ran, its utilization, and the cycles a dense matmul of the same shape would need
-at full utilization (``N^2 F / PEs``).
+model, compile and run wall times, the cycles of the DMA transposes around the aggregations
+(0 with the direct lowering; only the transposed fallback has them); and per aggregation layer
+(``Y = A X`` with X as the array's weights, or the transposed fallback ``Y^T = X^T A^T``):
+all-zero array-sized blocks of A skipped out of the total, the layer's cycles (its share of the
+pipelined total), the MACs the array ran (whole 16x16 passes, padding included), its
+utilization, and the cycles a dense matmul of the same shape would need at full utilization
+(``N^2 F / PEs``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def measure(kind: str, graph: Any, config: str) -> dict[str, Any]:
             skip = layer.get("skipped_blocks")
             name = layer["name"]
             node = sess.graph.node(name)
-            if not skip or not node.attrs.get("transposed"):
+            agg = node.attrs.get("kind") == "agg"
+            if not skip or not (agg or node.attrs.get("transposed")):
                 continue
-            f, n = node.plan.ow, node.plan.cout
+            f, n = (node.plan.f, node.plan.n) if agg else (node.plan.ow, node.plan.cout)
             reg = regions.get(name)
             layers.append({"name": name, "skipped": skip[0], "total": skip[1],
                            "cycles": reg.cycles if reg else 0, "macs": reg.macs if reg else 0,

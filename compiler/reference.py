@@ -76,6 +76,12 @@ def _conv_acc(node: Node, graph: Graph, x: np.ndarray, out_shape: tuple[int, ...
               ) -> np.ndarray:
     """The exact integer sums of a conv node (before bias and requantization)."""
     a = node.attrs
+    if a.get("kind") == "agg":   # Y = A X + C (families: constant adjacency, direct form)
+        xf = x.astype(np.float64).reshape(-1, x.shape[-1])
+        acc = np.rint(a["adj"].astype(np.float64) @ xf).astype(np.int64)
+        acc += np.asarray(a["acc_rows"], np.int64).reshape(-1, 1)
+        acc += np.asarray(a["acc_cols"], np.int64).reshape(1, -1)
+        return acc.reshape(out_shape)
     _, oh, ow, cout = out_shape
     zx = graph.tensors[node.inputs[0]].quant.zero_point
     w = a["weight"].astype(np.float64)            # [Cout, Cin/g, KH, KW]

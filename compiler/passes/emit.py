@@ -23,6 +23,10 @@ chunk j is one MATMUL reading the block at ``ky*dy*cols + kx*dx`` with inner str
 outer stride ``sy*cols`` into the tile's ACC rows. ``rows`` blocks hold the (sub-sampled)
 pixels; ``packed`` blocks hold, per reduction chunk j, ``cols`` bytes starting at byte
 ``16j`` of the ``kw*C``-byte window of each output pixel (read from a physically padded input).
+
+Aggregation (``AggPlan``, ``Y = A X`` with A constant): X's tiles are the weights, the non-zero
+blocks of A stream as the inputs into ACC rows that start at the int32 constant ``C`` (see
+:mod:`npu.compiler.passes.families`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ import numpy as np
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node, Placement, Segment, Tensor, geometry
 from npu.compiler.passes.schedule import Buffers, align, avg_divisors
-from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan, ReorderPlan
+from npu.compiler.passes.tile import (
+    AGG_SLOTS,
+    AggPlan,
+    ConvPlan,
+    EltPlan,
+    GatherPlan,
+    PoolPlan,
+    ReorderPlan,
+)
 from npu.compiler.qmath import pool_scale, requant_params
 from npu.compiler.stream import Stream
 from npu.isa import EltFunc, NPUConfig
@@ -82,6 +94,23 @@ def _conv_params(node: Node, plan: ConvPlan, graph: Graph, cfg: NPUConfig) -> np
 def node_constants(node: Node, graph: Graph, cfg: NPUConfig) -> dict[str, bytes]:
     """The DRAM constants a node's program part reads, by key."""
     plan = node.plan
+    if isinstance(plan, AggPlan):
+        r, c = cfg.rows, cfg.cols
+        a = node.attrs
+        tiles = plan.tiles if plan.tiles is not None and len(plan.tiles) else \
+            np.zeros((1, r, r), np.int8)
+        npad = -(-plan.n // r) * r
+        start = np.zeros((plan.fbs, npad, c), np.int64)      # ACC start C[i, f], per chunk
+        cols = np.zeros(plan.fbs * c, np.int64)
+        cols[:plan.f] = a["acc_cols"]
+        start[:, :plan.n, :] = np.asarray(a["acc_rows"], np.int64).reshape(1, -1, 1)
+        start += cols.reshape(plan.fbs, 1, c)
+        par = np.zeros((3, c), np.int64)   # VECTOR rows: bias 0, multiplier, shift (uniform)
+        par[1] = np.asarray(a["mult"]).reshape(-1)[0]
+        par[2] = np.asarray(a["shift"]).reshape(-1)[0]
+        return {"w": tiles.astype(np.int8).tobytes(),
+                "c0": np.ascontiguousarray(start, dtype="<i4").tobytes(),
+                "par": par.astype("<i4").tobytes()}
     if isinstance(plan, ConvPlan):
         tiles = plan.tiles if plan.tiles is not None and len(plan.tiles) else \
             np.zeros((1, cfg.rows, cfg.cols), np.int8)
@@ -543,6 +572,145 @@ class _ConvLayer(_Layer):
         _store_tile(self.s, y, self.cfg, self._out(it), b, oy0, th, ox0, tw, m)
 
 
+class _AggLayer(_Layer):
+    """``Y = A X`` with A constant (:class:`AggPlan`): one item per (output tile, group of
+    feature chunks, non-zero k-block); A's blocks of the item are loaded once and stream
+    under each chunk's tile of X, PRELOADed as the weights, into that chunk's ACC rows."""
+
+    def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
+        self.node, self.cfg, self.s = node, cfg, s
+        self.plan: AggPlan = node.plan
+        p = self.plan
+        self.macs = p.macs
+        buf: Buffers = node.attrs["buffers"]
+        self.spad, self.acc = buf.spad, buf.acc
+        consts = node.attrs["consts"]
+        self.w_dram, self.c0_dram, self.par_dram = (consts[k][0] for k in ("w", "c0", "par"))
+        self.x = _View(graph.tensors[node.inputs[0]])
+        self.y = _View(graph.tensors[node.outputs[0]])
+        self.steps = node.attrs.get("epilogue", [])
+        self.ops = [_View(graph.tensors[st.other]) for st in self.steps if st.other is not None]
+        self.zp = node.attrs["zero_point"]
+        self.clamp = node.attrs.get("clamp", (-128, 127))
+        self.fp32 = int(node.attrs.get("fp32", 0))
+        r = cfg.rows
+        self.npad = -(-p.n // r) * r
+        kbn = -(-p.k // r)
+        self.items: list[dict[str, Any]] = []
+        out_no = 0
+        for t in range(p.n_tiles):
+            i0 = t * p.mt
+            for f0 in range(0, p.fbs, p.fg):
+                fbs = list(range(f0, min(p.fbs, f0 + p.fg)))
+                kbs: list[int | None] = [kb for kb in range(kbn) if (t, kb) in p.runs]
+                for j, kb in enumerate(kbs or [None]):
+                    first, runs = p.runs[(t, kb)] if kb is not None else (0, [])
+                    self.items.append(dict(
+                        i0=i0, rows=min(p.mt, p.n - i0), fbs=fbs, kb=kb, tile0=first,
+                        runs=runs, first=j == 0, last=j == max(0, len(kbs) - 1), out=out_no))
+                out_no += 1
+        self.n_items = len(self.items)
+        seen: set[tuple[int, int | None]] = set()
+        for it in self.items:     # resident X: each chunk group's k-block loaded once
+            key = (it["fbs"][0], it["kb"])
+            it["load_x"] = not p.x_resident or key not in seen
+            seen.add(key)
+        self.kpad = -(-p.k // r) * r
+
+    def _acc(self, it: dict[str, Any], jf: int) -> int:
+        p = self.plan
+        return self.acc["acc"][0] + ((it["out"] % 2) * p.fg + jf) * p.mt
+
+    def _out(self, it: dict[str, Any], jf: int, base: str = "out") -> int:
+        p = self.plan
+        return self.spad[base][0] + ((it["out"] % 2) * p.fg + jf) * p.mt
+
+    def _w(self, i: int, jf: int) -> int:
+        it, r = self.items[i], self.cfg.rows
+        if self.plan.x_resident:
+            return self.spad["w"][0] + jf * self.kpad + it["kb"] * r
+        return self.spad["w"][0] + ((i % AGG_SLOTS) * self.plan.fg + jf) * r
+
+    def _a(self, i: int) -> int:
+        return self.spad["a"][0] + (i % AGG_SLOTS) * self.plan.mt
+
+    def ldw(self, i: int) -> None:
+        s, r = self.s, self.cfg.rows
+        it = self.items[i]
+        if i == 0:
+            s.load(dram_addr=self.par_dram, n_inner=3, dram_stride_inner=4 * self.cfg.cols,
+                   row_bytes=4 * self.cfg.cols, dst=self.acc["par"][0], mem=1)
+        nblk = sum(nb for _, nb, _ in it["runs"])
+        if nblk:   # the item's non-zero blocks of A, stored consecutively
+            s.load(dram_addr=self.w_dram + it["tile0"] * r * r, n_inner=nblk * r,
+                   dram_stride_inner=r, row_bytes=r, dst=self._a(i))
+
+    def lda(self, i: int) -> None:
+        s, r, c, p = self.s, self.cfg.rows, self.cfg.cols, self.plan
+        it = self.items[i]
+        if it["first"]:
+            # C[i, f] = -zx * sum_k A[i, k] (+ a Gemm bias): the per-node zero-point term
+            # VECTOR's per-lane bias cannot add; every MATMUL accumulates onto it.
+            nf = len(it["fbs"])
+            s.load(dram_addr=self.c0_dram + (it["fbs"][0] * self.npad + it["i0"]) * 4 * c,
+                   n_inner=min(p.mt, self.npad - it["i0"]), dram_stride_inner=4 * c,
+                   n_outer=nf, dram_stride_outer=self.npad * 4 * c if nf > 1 else 0,
+                   row_bytes=4 * c, dst=self._acc(it, 0),
+                   dst_stride_outer=p.mt if nf > 1 else 0, mem=1)
+        if it["kb"] is not None and it["load_x"]:
+            # X[kb rows, chunk] as is: row k = the weights of input lane k. Rows past K
+            # stay stale: they meet A's zero-padded columns.
+            k0 = it["kb"] * r
+            for jf, fb in enumerate(it["fbs"]):
+                s.load(dram_addr=self.x.addr(0, 0, k0, fb * c), n_inner=min(r, p.k - k0),
+                       dram_stride_inner=self.x.px, row_bytes=min(c, p.f - fb * c),
+                       dst=self._w(i, jf))
+        if it["last"]:
+            for k, v in enumerate(self.ops):
+                for jf, fb in enumerate(it["fbs"]):
+                    _load_tile(s, v, self.cfg, self._out(it, jf, f"op{k}"), 0, 0, 1,
+                               it["i0"], it["rows"], fb)
+
+    def ex(self, i: int) -> None:
+        s, r = self.s, self.cfg.rows
+        it = self.items[i]
+        nf = len(it["fbs"])
+        if it["kb"] is None:
+            return
+        a0 = self._a(i)
+        for jf in range(nf):
+            s.preload(self._w(i, jf))
+            acc = self._acc(it, jf)
+            for j, (ib, nb, off) in enumerate(it["runs"]):
+                s.matmul(spad_addr=a0 + off * r, acc_addr=acc + ib * r, n_inner=nb * r,
+                         accumulate=1, swap=int(j == 0))
+
+    def vx(self, i: int) -> None:
+        it = self.items[i]
+        if not it["last"]:
+            return
+        lo, hi = self.clamp
+        for jf in range(len(it["fbs"])):
+            out = self._out(it, jf)
+            self.s.vector(acc_addr=self._acc(it, jf), spad_addr=out,
+                          param_addr=self.acc["par"][0], n=it["rows"], zero_point=self.zp,
+                          clamp_min=lo, clamp_max=hi, fp32=self.fp32)
+            k = 0
+            for step in self.steps:
+                b = out
+                if step.other is not None:
+                    b = self._out(it, jf, f"op{k}")
+                    k += 1
+                _eltwise(self.s, step, out, b, out, it["rows"])
+
+    def st(self, i: int) -> None:
+        it = self.items[i]
+        if it["last"]:
+            for jf, fb in enumerate(it["fbs"]):
+                _store_tile(self.s, self.y, self.cfg, self._out(it, jf), 0, 0, 1, it["i0"],
+                            it["rows"], fb)
+
+
 class _MaxPoolLayer(_Layer):
     def __init__(self, node: Node, graph: Graph, cfg: NPUConfig, s: Stream) -> None:
         self.node, self.cfg, self.s = node, cfg, s
@@ -879,7 +1047,7 @@ def emit_segment(graph: Graph, seg: Segment, cfg: NPUConfig, progress: Any = Non
     layers: list[tuple[Node, _Layer]] = []
     for name in seg.nodes:
         node = graph.node(name)
-        maker = _LAYERS.get(node.op)
+        maker = _AggLayer if isinstance(node.plan, AggPlan) else _LAYERS.get(node.op)
         if maker is None:
             continue  # concat / reshape: nothing to run (views and aliases)
         layer = maker(node, graph, cfg, s)

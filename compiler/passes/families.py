@@ -1,28 +1,35 @@
 """Lowering that fits model families: GNN aggregation with a constant adjacency.
 
 A MatMul (or a Gemm) whose *left* operand is a constant matrix, ``Y = A @ X`` (the
-neighbourhood aggregation of GCN/GIN layers), has no direct ISA form: the array's weights are
-the constant operand and activations stream as rows, so the constant must be on the right. The
-product is transposed, ``Y^T = X^T A^T``:
+neighbourhood aggregation of GCN/GIN layers), has no plain matmul form: the array's weights
+are normally the constant operand and activations stream as rows. Legalize
+(:func:`const_left`) makes a ``conv`` node with the weight ``A`` (output channel ``n`` = node,
+input lane ``k`` = neighbour) and ``attrs['transpose_io']``; :func:`lower` (right after
+legalize) then swaps the roles (``attrs['kind'] = 'agg'``, see :func:`_to_agg`,
+:class:`npu.compiler.passes.tile.AggPlan`): a tile of ``X`` (channel-last, row = node ``k``,
+lanes = features) is PRELOADed as the array's weights as it is, and the rows of ``A``
+restricted to that k-block stream through it as the MATMUL inputs, accumulating in the ACC
+rows of the output nodes; VECTOR writes ``Y`` channel-last, the layout the next layer reads.
+Only the non-zero array-sized blocks of ``A`` are stored, loaded and multiplied: the
+aggregation is a block-sparse matmul; :func:`sparse_blocks` counts the skipped blocks for the
+report.
 
-* legalize (:func:`const_left`) makes a ``conv`` node with the weight ``A`` (output channel
-  ``n`` = node, input lane ``k`` = neighbour) and ``attrs['transpose_io']``;
-* :func:`lower` (right after legalize) inserts a ``reorder`` turning ``X [K, F]`` into the
-  row-major ``X^T [F, K]`` (DMA only) before the conv and one turning ``Y^T [F, N]`` back into
-  ``Y [N, F]`` after it.
+``A`` is quantized symmetric (zero point 0) and ``X`` has zero point ``zx``, so
+``sum_k A[i,k] (x[k,f] - zx) = sum_k A[i,k] x[k,f] - zx r_i`` with ``r_i = sum_k A[i,k]``: a
+term per output *row*, which VECTOR's per-lane bias cannot add. Each output tile's ACC rows
+are first LOADed from a DRAM int32 constant ``C[i, f] = -zx r_i + c[f]`` (``c`` the bias of a
+Gemm, GCN's ``A_hat X + b`` fused by onnxruntime; ``attrs['acc_rows']``, ``attrs['acc_cols']``)
+and every MATMUL accumulates onto it, so the sum is exact and requantized once, like
+onnxruntime's Gemm. onnxruntime quantizes a Gemm's constant A as an *activation* (zero point
+-128 for a non-negative adjacency, whose correction would depend on the data);
+:mod:`npu.compiler.quantize` asks it for symmetric A instead.
 
-The zero point of ``X`` folds into a bias per output channel ``n`` (``-zx * sum_k A[n, k]``),
-exactly as for any matmul. The conv tiler already skips weight tiles that are all zero, so
-every all-zero array-sized block of ``A`` costs neither a PRELOAD nor a MATMUL: the aggregation
-is a block-sparse matmul. :func:`sparse_blocks` counts the skipped blocks for the report.
-
-A Gemm with a bias vector ``c`` (GCN: ``A_hat X + b``, fused by onnxruntime) adds ``c[f]`` along
-the *rows* of ``Y^T``, which the per-channel VECTOR bias cannot express: ``attrs['row_bias']``
-(int32 per output row, in accumulator units) is loaded into the ACC rows of each output tile
-(LOAD to ACC from a DRAM constant) and every MATMUL accumulates onto it, so the sum is exact
-and requantized once, like onnxruntime's Gemm. onnxruntime quantizes a Gemm's constant A as
-an *activation* (zero point -128 for a non-negative adjacency, whose correction would depend
-on the data per row); :mod:`npu.compiler.quantize` asks it for symmetric A instead.
+When the requantization differs between nodes (A quantized per row: a multiplier per output
+row, which no per-lane parameter expresses), the product stays transposed,
+``Y^T = X^T A^T``: :func:`lower` inserts a ``reorder`` turning ``X [K, F]`` into the row-major
+``X^T [F, K]`` (DMA only) before the conv and one turning ``Y^T [F, N]`` back after it; the
+conv tiler skips A's all-zero weight tiles, and a Gemm bias ``c[f]`` (along the rows of
+``Y^T``: ``attrs['row_bias']``) is preloaded into the ACC rows of each output tile.
 """
 
 from __future__ import annotations
@@ -95,9 +102,13 @@ def const_left(lz: Any, node: onnx.NodeProto, label: str) -> Node:
 
 
 def lower(graph: Graph) -> Graph:
-    """Insert the reorders around every ``transpose_io`` conv (see the module doc)."""
+    """Turn every ``transpose_io`` conv into a direct aggregation (``kind`` ``agg``) when its
+    requantization is the same for every node, else insert the reorders around it (see the
+    module doc)."""
     for node in list(graph.nodes):
         if node.device != "npu" or not node.attrs.pop("transpose_io", False):
+            continue
+        if _to_agg(node, graph):
             continue
         x, y = graph.tensors[node.inputs[0]], graph.tensors[node.outputs[0]]
         k, f = x.shape
@@ -117,9 +128,36 @@ def lower(graph: Graph) -> Graph:
     return graph
 
 
+def _to_agg(node: Node, graph: Graph) -> bool:
+    """Make ``node`` the direct product ``Y = A X`` (``attrs['kind'] = 'agg'``): ``adj`` the
+    int8 ``A [N, K]``, ``acc_rows [N]`` and ``acc_cols [F]`` the int32 start of the
+    accumulator ``C[i, f] = acc_rows[i] + acc_cols[f]`` (``-zx * sum_k A[i, k]`` and a Gemm
+    bias), and per-lane (= per-feature) bias 0, multiplier and shift. False (nothing changed)
+    when the requantization differs between nodes (A quantized per row)."""
+    a = node.attrs
+    f = graph.tensors[node.inputs[0]].shape[1]
+    mult = np.asarray(a["mult"]).reshape(-1)
+    shift = np.asarray(a["shift"]).reshape(-1)
+    if np.any(mult != mult[0]) or np.any(shift != shift[0]):
+        return False
+    w = a.pop("weight")
+    a["adj"] = np.ascontiguousarray(w[:, :, 0, 0], dtype=np.int8)
+    a["acc_rows"] = np.asarray(a["bias"], np.int64).reshape(-1)
+    rb = a.pop("row_bias", None)
+    a["acc_cols"] = (np.zeros(f, np.int64) if rb is None
+                     else np.broadcast_to(np.asarray(rb, np.int64).reshape(-1), (f,)).copy())
+    a["bias"] = np.zeros(f, np.int32)
+    a["mult"] = np.full(f, mult[0], dtype=np.asarray(a["mult"]).dtype)
+    a["shift"] = np.full(f, shift[0], dtype=np.asarray(a["shift"]).dtype)
+    a["kind"] = "agg"
+    return True
+
+
 def sparse_blocks(node: Node) -> tuple[int, int] | None:
-    """(skipped, total) array-sized weight blocks of a tiled conv node, or None."""
+    """(skipped, total) array-sized blocks of the constant of a tiled conv node, or None."""
     plan = node.plan
+    if hasattr(plan, "skipped_blocks"):      # AggPlan: blocks of the adjacency
+        return plan.skipped_blocks, plan.total_blocks
     seq = getattr(plan, "seq", None)
     if node.op != "conv" or not seq or not getattr(plan, "ktiles", None):
         return None

@@ -48,7 +48,7 @@ def _is_rows_matmul(node: Node) -> bool:
     a = node.attrs
     return (node.device == "npu" and node.op == "conv" and tuple(a.get("kernel", ())) == (1, 1)
             and tuple(a.get("pads", ())) == (0, 0, 0, 0) and int(a.get("group", 1)) == 1
-            and not a.get("transpose_io") and "k_parts" not in a)
+            and not a.get("transpose_io") and a.get("kind") != "agg" and "k_parts" not in a)
 
 
 def split_k(graph: Graph) -> Graph:

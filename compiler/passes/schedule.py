@@ -19,7 +19,15 @@ import numpy as np
 
 from npu.compiler.errors import CompileError
 from npu.compiler.ir import Graph, Node
-from npu.compiler.passes.tile import ConvPlan, EltPlan, GatherPlan, PoolPlan, ReorderPlan
+from npu.compiler.passes.tile import (
+    AGG_SLOTS,
+    AggPlan,
+    ConvPlan,
+    EltPlan,
+    GatherPlan,
+    PoolPlan,
+    ReorderPlan,
+)
 from npu.isa import VECTOR_PARAM_ROWS, NPUConfig
 
 __all__ = ["Buffers", "schedule", "node_buffers", "avg_divisors"]
@@ -80,6 +88,12 @@ def node_buffers(node: Node, cfg: NPUConfig) -> tuple[list[tuple[str, int]],
         else:
             par = VECTOR_PARAM_ROWS * (plan.coc if plan.params_resident else 2)
         return spad, [("acc", 2 * mt), ("par", align(par, r))]
+    if isinstance(plan, AggPlan):
+        out = 2 * plan.fg * plan.mt
+        w = plan.fg * -(-plan.k // r) * r if plan.x_resident else AGG_SLOTS * plan.fg * r
+        spad = [("w", w), ("a", AGG_SLOTS * plan.mt), ("out", out)]
+        spad += [(f"op{i}", out) for i in range(len(operands))]
+        return spad, [("acc", out), ("par", align(VECTOR_PARAM_ROWS, r))]
     if isinstance(plan, PoolPlan):
         mt = align(plan.oh_t * plan.ow_t, r)
         spad = [("in", 2 * align(plan.br * plan.bc, r)), ("out", 2 * mt)]

@@ -30,7 +30,8 @@ from npu.compiler.ir import Graph, Node, geometry
 from npu.compiler.passes.mlp import out_parts, split_k_weight
 from npu.isa import NPUConfig
 
-__all__ = ["ConvPlan", "PoolPlan", "EltPlan", "GatherPlan", "ReorderPlan", "tile", "conv_tiles",
+__all__ = ["ConvPlan", "AggPlan", "PoolPlan", "EltPlan", "GatherPlan", "ReorderPlan",
+           "tile", "conv_tiles",
            "PACKED_MAX_C"]
 
 #: Streamed weights flow through a ring of this many sub-blocks in SPAD: the LOAD of sub-block
@@ -224,6 +225,92 @@ class GatherPlan:
 
     def __str__(self) -> str:
         return f"gather {self.rows} rows x {self.width} B in blocks of {self.block}"
+
+
+@dataclass
+class AggPlan:
+    """``conv`` of kind ``agg`` (``Y = A X``, A constant; see
+    :mod:`npu.compiler.passes.families`): output tiles of ``mt`` node rows x ``fg`` feature
+    chunks of ``cols``; per tile and reduction block ``kb`` of ``rows`` nodes, the tile's
+    non-zero ``rows x rows`` blocks of ``A`` (``tiles``, in order of tile, kb, i-block) are
+    loaded once and stream through the array under each activation tile ``X[kb, chunk]``,
+    PRELOADed as the weights."""
+
+    n: int
+    k: int
+    f: int
+    mt: int
+    fbs: int                        # feature chunks of cols
+    fg: int                         # feature chunks per output tile (ACC slots)
+    x_resident: bool = False        # X's chunks stay in SPAD (loaded once per k-block)
+    # (output tile, kb) -> (first tile index, [(i-block in the tile, blocks, offset)]):
+    # runs of consecutive non-zero blocks, offset = the run's first block among the pair's.
+    runs: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = \
+        field(default_factory=dict, repr=False)
+    tiles: np.ndarray | None = field(default=None, repr=False)
+    skipped_blocks: int = 0
+    total_blocks: int = 0
+    macs: int = 0
+
+    @property
+    def n_tiles(self) -> int:
+        return _cdiv(self.n, self.mt)
+
+    def __str__(self) -> str:
+        return (f"agg {self.n}x{self.k} @ {self.k}x{self.f}: tile {self.mt} rows x "
+                f"{self.fg} of {self.fbs} chunk(s); {len(self.runs)} (tile, k-block) pairs, "
+                f"{0 if self.tiles is None else len(self.tiles)} non-zero A blocks; X "
+                f"{'resident' if self.x_resident else 'streamed'}")
+
+
+AGG_MAX_TILE = 1024     # output rows per ACC tile of an aggregation (the ACC bounds it)
+AGG_SLOTS = 4           # SPAD slots for the A blocks (and streamed X tiles) of items in flight
+
+
+def plan_agg(node: Node, graph: Graph, cfg: NPUConfig) -> AggPlan:
+    """The tiles of ``Y = A X``: only the non-zero ``rows x rows`` blocks of A are kept."""
+    from npu.isa import VECTOR_PARAM_ROWS
+
+    r = cfg.rows
+    adj = node.attrs["adj"]
+    n, k = adj.shape
+    f = geometry(graph.tensors[node.inputs[0]])[3]
+    nb, kbn = _cdiv(n, r), _cdiv(k, r)
+    fbs = _cdiv(f, cfg.cols)
+    free = cfg.acc_rows - _al(VECTOR_PARAM_ROWS, r)     # two ACC slots of fg x mt rows
+    fg = max(1, min(fbs, free // (2 * r)))
+    ops = 1 + sum(1 for st in node.attrs.get("epilogue", []) if st.other is not None)
+    # SPAD: streamed X tiles and A blocks in AGG_SLOTS slots, output (and operand) slots x 2.
+    spad_mt = (cfg.spad_rows - AGG_SLOTS * fg * r) // (AGG_SLOTS + 2 * ops * fg)
+    mt = min(nb * r, AGG_MAX_TILE, free // (2 * fg) // r * r, spad_mt // r * r)
+    if mt < r:
+        raise CompileError("aggregation does not fit the accumulator and scratchpad",
+                           node.name, node.onnx_op)
+    pad = np.zeros((nb * r, kbn * r), np.int8)
+    pad[:n, :k] = adj
+    blocks = pad.reshape(nb, r, kbn, r).transpose(0, 2, 1, 3)      # [ib, kb, r, r]
+    nz = blocks.any(axis=(2, 3))
+    per = mt // r
+    tiles, runs = [], {}
+    for t in range(_cdiv(n, mt)):
+        for kb in range(kbn):
+            ibs = [ib for ib in range(t * per, min(nb, (t + 1) * per)) if nz[ib, kb]]
+            if not ibs:
+                continue
+            first, lst = len(tiles), []
+            for j, ib in enumerate(ibs):
+                tiles.append(blocks[ib, kb])
+                if lst and lst[-1][0] + lst[-1][1] == ib - t * per:
+                    lst[-1] = (lst[-1][0], lst[-1][1] + 1, lst[-1][2])
+                else:
+                    lst.append((ib - t * per, 1, j))
+            runs[(t, kb)] = (first, lst)
+    arr = np.stack(tiles) if tiles else np.zeros((0, r, r), np.int8)
+    # Resident X: one group of feature chunks (so nothing evicts it) that fits SPAD.
+    resident = fg == fbs and \
+        fg * kbn * r + AGG_SLOTS * mt + 2 * ops * fg * mt <= cfg.spad_rows
+    return AggPlan(n, k, f, mt, fbs, fg, resident, runs, arr, int(nz.size - nz.sum()),
+                   int(nz.size), n * k * f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,7 +693,9 @@ def tile(graph: Graph, config: NPUConfig) -> Graph:
     for node in graph.nodes:
         if node.device != "npu":
             continue
-        if node.op in ("conv", "avgpool"):
+        if node.op == "conv" and node.attrs.get("kind") == "agg":
+            node.plan = plan_agg(node, graph, config)
+        elif node.op in ("conv", "avgpool"):
             node.plan = plan_conv(node, graph, config, budget, _extra_operands(node))
         elif node.op == "maxpool":
             node.plan = plan_maxpool(node, graph, config, budget)
