@@ -147,3 +147,19 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     b = np.asarray(b, dtype=np.int64)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.mean(a == b)), int(np.abs(a - b).max(initial=0))
+
+
+def programs_match_ir(sess: InferenceSession, feeds: dict[str, np.ndarray]) -> int:
+    """Run with every intermediate stored; each must equal the IR interpreter's value.
+    Returns how many int8 tensors were compared."""
+    from npu.compiler.reference import run_graph
+
+    sess = InferenceSession(sess.qdq_model, sess.compiled.config, observe="all")
+    ref = run_graph(sess.graph, feeds)
+    sess.run(None, feeds)
+    n = 0
+    for name, value in sess.tensors.items():
+        if isinstance(value, np.ndarray) and value.dtype == np.int8 and name in ref:
+            np.testing.assert_array_equal(value, ref[name], err_msg=name)
+            n += 1
+    return n

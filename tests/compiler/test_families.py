@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from opmodels import programs_match_ir
 
 from npu.compiler.ir import Tensor
 from npu.compiler.passes.allocate import tensor_bytes
-from npu.compiler.reference import run_graph
 from npu.compiler.session import InferenceSession
 from npu.models import checks, gnn
 from npu.models.zoo import MODELS, calibration_data
@@ -143,7 +143,7 @@ def test_const_left_gemm_with_bias_per_row(n: int, f: int) -> None:
     assert np.any(agg.attrs["acc_cols"] != 0)   # the bias, preloaded into ACC with -zx * r_i
     if f > 496:   # more feature chunks than two ACC slots hold: A streamed once per group
         assert agg.plan.fg < agg.plan.fbs and agg.plan.n_tiles > 1
-        assert _programs_match_ir(sess, {"X": rng.normal(size=(n, f)).astype(np.float32)})
+        assert programs_match_ir(sess, {"X": rng.normal(size=(n, f)).astype(np.float32)})
     assert total == (-(-n // R)) ** 2 and skipped == _zero_blocks(a, R) > 0
     feeds = {"X": rng.normal(size=(n, f)).astype(np.float32)}
     _assert_int8_identical(sess, feeds)
@@ -203,20 +203,7 @@ def test_aggregation_with_x_streamed_over_several_output_tiles() -> None:
     plans = [n.plan for n in sess.graph.nodes if n.attrs.get("kind") == "agg"]
     assert len(plans) == 2 and all(not p.x_resident and p.n_tiles > 1 for p in plans), plans
     _assert_int8_identical(sess, feeds)
-    assert _programs_match_ir(sess, feeds) >= 2
-
-
-def _programs_match_ir(sess: InferenceSession, feeds: dict[str, np.ndarray]) -> int:
-    """Run with every intermediate stored; each must equal the IR interpreter's value."""
-    sess = InferenceSession(sess.qdq_model, sess.compiled.config, observe="all")
-    ref = run_graph(sess.graph, feeds)
-    sess.run(None, feeds)
-    n = 0
-    for name, value in sess.tensors.items():
-        if isinstance(value, np.ndarray) and value.dtype == np.int8 and name in ref:
-            np.testing.assert_array_equal(value, ref[name], err_msg=name)
-            n += 1
-    return n
+    assert programs_match_ir(sess, feeds) >= 2
 
 
 @pytest.mark.parametrize("kind", ["gcn", "gin"])
@@ -235,7 +222,7 @@ def test_aggregation_is_direct_and_bit_exact(kind: str) -> None:
     for n, z in zip(aggs, zx):   # the per-row term -zx * sum_k A[i, k]
         want = -z * n.attrs["adj"].astype(np.int64).sum(axis=1)
         np.testing.assert_array_equal(n.attrs["acc_rows"], want)
-    assert _programs_match_ir(sess, feeds) >= 4
+    assert programs_match_ir(sess, feeds) >= 4
     _assert_int8_identical(sess, feeds)
 
 

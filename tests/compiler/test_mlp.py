@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from opmodels import Model, agreement, compare
+from opmodels import Model, agreement, compare, programs_match_ir
 
 from npu.compiler.reference import run_graph
 from npu.compiler.session import InferenceSession
@@ -23,19 +23,6 @@ def _exact_vs_onnxruntime(model, seed: int = 0, config: str = "npu16") -> Infere
         same, diff = agreement(ours[name], theirs[name])
         assert same >= 0.999 and diff <= 1, (name, same, diff)
     return sess
-
-
-def _programs_match_ir(sess: InferenceSession, feeds: dict[str, np.ndarray]) -> int:
-    """Run with every intermediate stored; each must equal the IR interpreter's value."""
-    sess = InferenceSession(sess.qdq_model, sess.compiled.config, observe="all")
-    ref = run_graph(sess.graph, feeds)
-    sess.run(None, feeds)
-    n = 0
-    for name, value in sess.tensors.items():
-        if isinstance(value, np.ndarray) and value.dtype == np.int8 and name in ref:
-            np.testing.assert_array_equal(value, ref[name], err_msg=name)
-            n += 1
-    return n
 
 
 def _skip_model(rows: int, c_in: int, c_hidden: int, c_out: int, seed: int = 0,
@@ -65,7 +52,7 @@ def test_split_k_concat_matches_onnxruntime(rows, c_in, c_hidden, c_out) -> None
     # K chunks: each part starts on its own chunk of 16 lanes.
     assert mm.plan.cj == -(-c_in // 16) + -(-c_hidden // 16)
     feeds = {"x": np.random.default_rng(5).standard_normal((rows, c_in)).astype(np.float32)}
-    assert _programs_match_ir(sess, feeds) >= 3
+    assert programs_match_ir(sess, feeds) >= 3
 
 
 def test_split_k_on_other_configs() -> None:
@@ -131,7 +118,7 @@ def test_sibling_heads_fused_match_onnxruntime(widths, relu) -> None:
     if 0 < len(relu) < len(widths):   # a Relu head next to a plain one: own zero points
         assert len({(p["zero_point"], tuple(p["clamp"])) for p in parts}) > 1
     feeds = {"x": np.random.default_rng(1).standard_normal((45, 10)).astype(np.float32)}
-    assert _programs_match_ir(sess, feeds) >= 2
+    assert programs_match_ir(sess, feeds) >= 2
 
 
 def test_nerf_skip_and_heads_lowering() -> None:
@@ -154,7 +141,7 @@ def test_nerf_skip_and_heads_lowering() -> None:
     rng = np.random.default_rng(0)
     feeds = {"x_enc": rng.standard_normal((64, 63)).astype(np.float32),
              "d_enc": rng.standard_normal((64, 27)).astype(np.float32)}
-    assert _programs_match_ir(sess, feeds) >= 10
+    assert programs_match_ir(sess, feeds) >= 10
 
 
 def test_split_k_part_used_elsewhere_is_rescaled_not_moved() -> None:
@@ -175,7 +162,7 @@ def test_split_k_part_used_elsewhere_is_rescaled_not_moved() -> None:
         [copy] = [n for n in g.nodes if n.op == "clamp" and n.inputs == [h_name]]
         assert copy.outputs == [mm.inputs[0]]
     feeds = {"x": np.random.default_rng(2).standard_normal((30, 10)).astype(np.float32)}
-    assert _programs_match_ir(sess, feeds) >= 3
+    assert programs_match_ir(sess, feeds) >= 3
 
 
 def test_rescale_rides_along_and_saves_cycles() -> None:
@@ -224,4 +211,4 @@ def test_split_k_nchw_fire_module() -> None:
     assert len(mms) == 2 and all(n.attrs["k_parts"] == [16, 24] for n in mms)
     assert not [n for n in sess.graph.nodes if n.op in ("concat", "copy")]
     feeds = {"x": np.random.default_rng(4).standard_normal((1, 8, 7, 7)).astype(np.float32)}
-    assert _programs_match_ir(sess, feeds) >= 4
+    assert programs_match_ir(sess, feeds) >= 4
