@@ -17,6 +17,10 @@ _GAPS = {
     # rounds half to even, QLinearAveragePool does not), and 58 layers amplify that (logits
     # ~18% identical, max 10; cosine 0.9985 to onnxruntime, same top-1). See docs/compiler.md.
     "densenet121": "int8 AveragePool ties amplified over 120 layers (cosine 0.998, top-1 same)",
+    # The same for the 3x3 AveragePools of its inception modules: 76 of 83 layers exact, the
+    # 7 pools 98.1-99.99% (one step at float ties); logits 29% identical (max 6), the host
+    # Softmax's int8 probabilities 98.9% (max 15). Cosine and top-1: see below.
+    "inception_v2": "int8 AveragePool ties amplified by the host Softmax (max diff 15 > 8)",
 }
 # Deep networks accumulate one-LSB requantization differences over 20-120 layers and end in
 # a host Softmax that magnifies them: the int8 probabilities agree less exactly.
@@ -95,20 +99,14 @@ def test_nerf_render_on_the_npu(tmp_path) -> None:
         assert nerf.save_png(tmp_path / f"nerf_{name}.png", img).stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_densenet121_runs_on_the_npu_close_to_onnxruntime() -> None:
-    """DenseNet-121's pre-activation BatchNorm+Mul+Add chains run as depthwise convolutions, so
-    nothing but the input/output conversions is left on the host; its logits agree with
-    onnxruntime on the same QDQ model by cosine and top-1 (the exact int8 identity does not
-    hold end to end, see ``_GAPS``)."""
+def _close_to_onnxruntime(name: str, sess=None) -> None:
+    """The model's outputs agree with onnxruntime's int8 kernels on the same QDQ model by
+    cosine (>= 0.995) and top-1, and are as close to the float model as onnxruntime's."""
     import numpy as np
 
-    name = "densenet121"
     model = MODELS[name]()
-    sess = checks._session(model, "npu16", calibration_data(name, 4))
-    rep = sess.compiled.report()
-    assert not rep["host_fallbacks"], rep["host_fallbacks"][:5]
-    assert len(rep["segments"]) == 1
+    if sess is None:
+        sess = checks._session(model, "npu16", calibration_data(name, 4))
     feeds = calibration_data(name, 5, seed=1)[-1]
     ours = sess.run(None, feeds)[0].ravel().astype(np.float64)
     qdq = checks._ort(sess.qdq_model, "int8").run(None, feeds)[0].ravel()
@@ -117,8 +115,29 @@ def test_densenet121_runs_on_the_npu_close_to_onnxruntime() -> None:
     def cos(a: np.ndarray, b: np.ndarray) -> float:
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
-    print(f"densenet121: cosine NPU/onnxruntime {cos(ours, qdq):.5f}, NPU/float "
+    print(f"{name}: cosine NPU/onnxruntime {cos(ours, qdq):.5f}, NPU/float "
           f"{cos(ours, flt):.5f}, onnxruntime/float {cos(qdq, flt):.5f}")
     assert cos(ours, qdq) >= 0.995
     assert ours.argmax() == qdq.argmax()
     assert cos(ours, flt) >= cos(qdq, flt) - 0.005
+
+
+@pytest.mark.slow
+def test_densenet121_runs_on_the_npu_close_to_onnxruntime() -> None:
+    """DenseNet-121's pre-activation BatchNorm+Mul+Add chains run as depthwise convolutions, so
+    nothing but the input/output conversions is left on the host; its logits agree with
+    onnxruntime on the same QDQ model by cosine and top-1 (the exact int8 identity does not
+    hold end to end, see ``_GAPS``)."""
+    name = "densenet121"
+    sess = checks._session(MODELS[name](), "npu16", calibration_data(name, 4))
+    rep = sess.compiled.report()
+    assert not rep["host_fallbacks"], rep["host_fallbacks"][:5]
+    assert len(rep["segments"]) == 1
+    _close_to_onnxruntime(name, sess)
+
+
+@pytest.mark.slow
+def test_inception_v2_close_to_onnxruntime() -> None:
+    """Inception-v2's 3x3 AveragePools round float ties as onnxruntime cannot be matched by an
+    integer pool (see ``_GAPS``); the outputs still agree by cosine and top-1."""
+    _close_to_onnxruntime("inception_v2")
