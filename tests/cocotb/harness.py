@@ -28,6 +28,7 @@ from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from npu.hw.array import SystolicArray
+from npu.hw.common import acc_row, spad_row
 from npu.hw.control import Control
 from npu.hw.dma import LoadUnit, StoreUnit
 from npu.hw.dram import DRAMModel
@@ -101,14 +102,17 @@ def array_harness(cfg: NPUConfig) -> Flat:
                  ("y", arr.y, "out")], body)
 
 
+def _local_memories(cfg: NPUConfig) -> tuple[memory.Memory, memory.Memory]:
+    """Empty SPAD and ACC memories of ``cfg``'s sizes (the benches fill them through VPI)."""
+    return (memory.Memory(shape=spad_row(cfg), depth=cfg.spad_rows, init=[]),
+            memory.Memory(shape=acc_row(cfg), depth=cfg.acc_rows, init=[]))
+
+
 def vector_harness(cfg: NPUConfig) -> Flat:
     """The vector unit with SPAD and ACC memories (``spad``, ``acc``) and its SPAD write port
     observable."""
     vx = VectorUnit(cfg)
-    from npu.hw.common import acc_row, spad_row
-
-    spad = memory.Memory(shape=spad_row(cfg), depth=cfg.spad_rows, init=[])
-    acc = memory.Memory(shape=acc_row(cfg), depth=cfg.acc_rows, init=[])
+    spad, acc = _local_memories(cfg)
 
     def body(m: Module) -> None:
         m.submodules.vx = vx
@@ -127,12 +131,9 @@ def vector_harness(cfg: NPUConfig) -> Flat:
 def dma_harness(cfg: NPUConfig) -> Flat:
     """LD and ST units with SPAD, ACC and the DRAM model (``dram.lane<j>``); the units'
     memory-write and DRAM-write activity is observable."""
-    from npu.hw.common import acc_row, spad_row
-
     ld, st = LoadUnit(cfg), StoreUnit(cfg)
     dram = DRAMModel(cfg, DRAM_SIZE)
-    spad = memory.Memory(shape=spad_row(cfg), depth=cfg.spad_rows, init=[])
-    acc = memory.Memory(shape=acc_row(cfg), depth=cfg.acc_rows, init=[])
+    spad, acc = _local_memories(cfg)
 
     def body(m: Module) -> None:
         m.submodules.ld = ld

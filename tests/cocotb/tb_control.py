@@ -28,7 +28,7 @@ from typing import Any
 import cocotb
 import numpy as np
 from cocotb.triggers import ReadOnly, RisingEdge
-from tbutil import fail, finish_coverage, make_rng, params, read_int, start
+from tbutil import bench_config, fail, finish_coverage, make_rng, params, read_int, start
 
 from npu.conformance import gather_race_case
 from npu.coverage import Coverage
@@ -149,8 +149,7 @@ def _gather_report_cycle(prog: Any, cfg: NPUConfig, index: int, start_cycle: int
 async def control_programs(dut: Any) -> None:
     """Random and faulting programs: trace, unit starts and outcome against the reference."""
     p = params()
-    cfg = NPUConfig.from_dict({k: v for k, v in p.items()
-                               if k in NPUConfig.__dataclass_fields__})
+    cfg = bench_config(p)
     total = p.get("amount", 40)
     rng = make_rng(dut._log)
     cov = coverage()

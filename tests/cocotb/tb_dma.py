@@ -24,7 +24,18 @@ from typing import Any
 import cocotb
 import numpy as np
 from cocotb.triggers import ReadOnly, RisingEdge, Timer
-from tbutil import PERIOD_NS, fail, finish_coverage, make_rng, pack, params, read_int, start, unpack
+from tbutil import (
+    PERIOD_NS,
+    bench_config,
+    fail,
+    finish_coverage,
+    make_rng,
+    pack,
+    params,
+    read_int,
+    start,
+    unpack,
+)
 
 from npu.coverage import Coverage
 from npu.isa import Instr, Mem, NPUConfig, Opcode, address_error, timing
@@ -205,8 +216,7 @@ def _read_memories(dut: Any, cfg: NPUConfig, beat: int, dram_size: int) -> dict[
 async def dma_random(dut: Any) -> None:
     """Constrained-random LOAD/GATHER/STORE rounds against the reference semantics."""
     p = params()
-    cfg = NPUConfig.from_dict({k: v for k, v in p.items()
-                               if k in NPUConfig.__dataclass_fields__})
+    cfg = bench_config(p)
     total, dram_size, beat = p.get("amount", 120), p["dram_size"], cfg.dram_beat_bytes
     lat = cfg.dram_latency
     rng = make_rng(dut._log)

@@ -25,7 +25,17 @@ from typing import Any
 import cocotb
 import numpy as np
 from cocotb.triggers import ReadOnly, RisingEdge
-from tbutil import fail, finish_coverage, make_rng, pack, params, read_int, start, unpack
+from tbutil import (
+    bench_config,
+    fail,
+    finish_coverage,
+    make_rng,
+    pack,
+    params,
+    read_int,
+    start,
+    unpack,
+)
 
 from npu import numerics
 from npu.coverage import Coverage
@@ -285,8 +295,7 @@ def _params(rng: np.random.Generator, model: Model, cfg: NPUConfig) -> None:
 async def vector_random(dut: Any) -> None:
     """Constrained-random VECTOR/ELTWISE rounds against the reference semantics."""
     p = params()
-    cfg = NPUConfig.from_dict({k: v for k, v in p.items()
-                               if k in NPUConfig.__dataclass_fields__})
+    cfg = bench_config(p)
     total = p.get("amount", 150)
     rng = make_rng(dut._log)
     cov = coverage()

@@ -23,6 +23,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge
 
 from npu.coverage import Coverage
+from npu.isa import NPUConfig
 
 PERIOD_NS = 10
 _SEED: list[int] = []
@@ -30,6 +31,12 @@ _SEED: list[int] = []
 
 def params() -> dict[str, Any]:
     return json.loads(os.environ.get("NPU_TB_PARAMS", "{}"))
+
+
+def bench_config(p: dict[str, Any]) -> NPUConfig:
+    """The NPUConfig among the bench parameters (the rest are stimulus settings)."""
+    return NPUConfig.from_dict({k: v for k, v in p.items()
+                                if k in NPUConfig.__dataclass_fields__})
 
 
 def make_rng(log: Any) -> np.random.Generator:
