@@ -74,8 +74,8 @@ def _conv_params(node: Node, plan: ConvPlan, graph: Graph, cfg: NPUConfig) -> np
         y = graph.tensors[node.outputs[0]]
         divs = np.unique(avg_divisors(plan, node.attrs.get("count_include_pad", 0)))
         out = np.zeros((len(divs), 3, r), dtype=np.int64)
+        ys = node.attrs.get("out_scale", y.quant.scale)   # the pool's own, before any fusion
         for i, d in enumerate(divs):   # VECTOR fp32 mode, as onnxruntime requantizes
-            ys = node.attrs.get("out_scale", y.quant.scale)   # before any fusion
             mult, shift = requant_params(np.array([pool_scale(x.quant.scale, ys, d)]),
                                          node.name)
             out[i, 0] = -plan.kh * plan.kw * x.quant.zero_point
